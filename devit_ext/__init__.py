@@ -1,0 +1,39 @@
+"""devit_ext: DeViT (arXiv 2309.05015) as real, fast software.
+
+A large timm ViT (the teacher) is decomposed into N small class-specialised
+ViTs, one per edge device; DEKD trains them; at inference every device sends
+one int8 class token to an aggregator whose fusion head gives the logits.
+
+Public API: decompose, train_dekd, collaborate, load, DeViT, ops, build_info.
+Heavy modules (timm, the engines) load on first use so `import devit_ext`
+stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ._version import __version__
+from ._build import build_info
+
+_LAZY = {
+    "ops": ("devit_ext.ops", None),
+    "DeViT": ("devit_ext.model", "DeViT"),
+    "load": ("devit_ext.model", "load"),
+    "decompose": ("devit_ext.decompose", "decompose"),
+    "train_dekd": ("devit_ext.dekd", "train_dekd"),
+    "train_teacher": ("devit_ext.dekd", "train_teacher"),
+    "collaborate": ("devit_ext.engines", "collaborate"),
+}
+
+__all__ = ["__version__", "build_info", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'devit_ext' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value
+    return value

@@ -1,0 +1,1 @@
+"""Triton kernels of devit_ext (installed as devit_ext.kernels)."""
