@@ -1,0 +1,476 @@
+"""The DeViT container: class-specialised sub-ViTs, their class groups, the fusion head.
+
+`SubViT` is a plain ViT whose blocks may differ in width (heads, MLP neurons)
+after physical pruning. It keeps timm's parameter names (`patch_embed.proj`,
+`cls_token`, `dist_token`, `pos_embed`, `blocks.K.attn.qkv`, `blocks.K.mlp.fc1`,
+`norm`, `head`, ...) so timm checkpoints and tooling line up, and so one
+forward hook on `blocks.K.attn.qkv` reads Q/K/V from a teacher and a student
+alike.
+
+`DeViT` holds the sub-models (one per device), their class groups and the
+fusion head; `forward` is the plain float path that every engine is checked
+against. `save`/`load` use safetensors plus a JSON config with a content hash;
+nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# ---------------------------------------------------------------------------
+# Shapes and FLOPs
+# ---------------------------------------------------------------------------
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, (int, float)) else [int(x) for x in v]
+
+
+def num_tokens(cfg: dict) -> int:
+    """Tokens per image: patches plus class (and distillation) token."""
+    gh, gw = (i // p for i, p in zip(cfg["img_size"], cfg["patch_size"]))
+    return gh * gw + cfg["num_prefix_tokens"]
+
+
+def vit_flops(cfg: dict, include_head: bool = False) -> int:
+    """FLOPs (2 per multiply-add) of one image's forward pass, counted for the real shapes.
+
+    Matmuls, convolution and attention products are counted; norms, softmax,
+    GELU and additions are left out (under 1% for ViTs). The local class head is
+    training-only on a device, so it is left out unless asked for.
+    """
+    n = num_tokens(cfg)
+    d, hd = cfg["embed_dim"], cfg["head_dim"]
+    patches = n - cfg["num_prefix_tokens"]
+    ph, pw = cfg["patch_size"]
+    flops = 2 * patches * cfg["in_chans"] * ph * pw * d
+    for blk in cfg["blocks"]:
+        a = blk["num_heads"] * hd
+        m = blk["mlp_hidden"]
+        flops += 2 * n * d * 3 * a  # qkv
+        flops += 2 * 2 * n * n * a  # q k^T and attn v
+        flops += 2 * n * a * d  # proj
+        flops += 2 * 2 * n * d * m  # fc1 + fc2
+    if include_head:
+        flops += 2 * d * cfg["num_classes"] * (2 if cfg["distilled"] else 1)
+    return int(flops)
+
+
+def teacher_config(teacher: nn.Module) -> dict:
+    """The SubViT config describing a timm VisionTransformer exactly, or a clear error.
+
+    Supported: timm `VisionTransformer` and `VisionTransformerDistilled` (vit_*,
+    deit_*, deit3_*) with a class token, token pooling, pre-norm blocks of
+    LayerNorm + Attention + GELU Mlp, optional layer scale and norm_pre.
+    """
+    from timm.layers import LayerScale, Mlp
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+    supported = (
+        "supported teachers: timm VisionTransformer / VisionTransformerDistilled (vit_*, deit_*, deit3_*) "
+        "with a class token, global_pool='token', no register tokens, no qk-norm, standard pre-norm blocks"
+    )
+    if not isinstance(teacher, VisionTransformer):
+        raise TypeError(f"teacher: expected a timm VisionTransformer, got {type(teacher).__name__}; {supported}")
+    if not getattr(teacher, "has_class_token", False) or teacher.cls_token is None:
+        raise ValueError(f"teacher: has no class token (class_token=False); {supported}")
+    problems = []
+    if teacher.global_pool != "token":
+        problems.append(f"global_pool={teacher.global_pool!r}")
+    if getattr(teacher, "num_reg_tokens", 0):
+        problems.append(f"{teacher.num_reg_tokens} register tokens")
+    if getattr(teacher, "attn_pool", None) is not None:
+        problems.append("attention pooling")
+    if not isinstance(teacher.fc_norm, nn.Identity):
+        problems.append("fc_norm")
+    if not isinstance(teacher.norm, nn.LayerNorm):
+        problems.append(f"final norm {type(teacher.norm).__name__}")
+    if getattr(teacher, "dynamic_img_size", False):
+        problems.append("dynamic_img_size")
+    pe = teacher.patch_embed
+    if not isinstance(getattr(pe, "norm", nn.Identity()), nn.Identity) or not isinstance(pe.proj, nn.Conv2d):
+        problems.append("non-standard patch embedding")
+    for k, blk in enumerate(teacher.blocks):
+        if type(blk) is not Block or type(blk.attn) is not Attention or type(blk.mlp) is not Mlp:
+            problems.append(f"block {k} is {type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__}")
+            break
+        if not isinstance(blk.attn.q_norm, nn.Identity) or not isinstance(getattr(blk.attn, "norm", nn.Identity()), nn.Identity):
+            problems.append(f"block {k} uses qk/attention norm")
+            break
+        if not isinstance(blk.mlp.act, nn.GELU) or not isinstance(getattr(blk.mlp, "norm", nn.Identity()), nn.Identity):
+            problems.append(f"block {k} MLP is not plain GELU")
+            break
+        if not isinstance(blk.ls1, (nn.Identity, LayerScale)):
+            problems.append(f"block {k} layer scale {type(blk.ls1).__name__}")
+            break
+    if problems:
+        raise ValueError(f"teacher: unsupported ViT variant ({', '.join(problems)}); {supported}")
+
+    distilled = getattr(teacher, "dist_token", None) is not None
+    blk0 = teacher.blocks[0]
+    head_dim = blk0.attn.head_dim
+    img_size = _pair(pe.img_size)
+    patch_size = _pair(pe.patch_size)
+    pcfg = getattr(teacher, "pretrained_cfg", None) or {}
+    return {
+        "img_size": img_size,
+        "patch_size": patch_size,
+        "in_chans": int(pe.proj.in_channels),
+        "embed_dim": int(teacher.embed_dim),
+        "head_dim": int(head_dim),
+        "blocks": [
+            {"num_heads": int(b.attn.num_heads), "mlp_hidden": int(b.mlp.fc1.out_features)} for b in teacher.blocks
+        ],
+        "num_classes": int(teacher.num_classes),
+        "distilled": bool(distilled),
+        "num_prefix_tokens": 2 if distilled else 1,
+        "no_embed_class": bool(teacher.no_embed_class),
+        "layer_scale": isinstance(blk0.ls1, LayerScale),
+        "qkv_bias": blk0.attn.qkv.bias is not None,
+        "patch_bias": pe.proj.bias is not None,
+        "pre_norm": not isinstance(teacher.norm_pre, nn.Identity),
+        "norm_eps": float(teacher.norm.eps),
+        "mean": [float(v) for v in pcfg.get("mean", (0.5, 0.5, 0.5))],
+        "std": [float(v) for v in pcfg.get("std", (0.5, 0.5, 0.5))],
+    }
+
+
+# ---------------------------------------------------------------------------
+# SubViT: a ViT whose blocks may differ in width, with timm's parameter names
+# ---------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.proj = nn.Conv2d(
+            cfg["in_chans"], cfg["embed_dim"], cfg["patch_size"], stride=cfg["patch_size"], bias=cfg["patch_bias"]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N_patches, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(num_heads * head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        # (B, N, 3*H*D) -> 3 x (B, H, N, D)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(o.transpose(1, 2).reshape(B, N, -1))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: dict, num_heads: int, mlp_hidden: int):
+        super().__init__()
+        d, eps = cfg["embed_dim"], cfg["norm_eps"]
+        self.norm1 = nn.LayerNorm(d, eps=eps)
+        self.attn = Attention(d, num_heads, cfg["head_dim"], cfg["qkv_bias"])
+        self.ls1 = LayerScale(d) if cfg["layer_scale"] else nn.Identity()
+        self.norm2 = nn.LayerNorm(d, eps=eps)
+        self.mlp = Mlp(d, mlp_hidden)
+        self.ls2 = LayerScale(d) if cfg["layer_scale"] else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class SubViT(nn.Module):
+    """One device's model. `cfg` is a plain dict (see `teacher_config`); `num_classes` is local."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = copy.deepcopy(cfg)
+        d = cfg["embed_dim"]
+        self.embed_dim = d
+        self.distilled = bool(cfg["distilled"])
+        self.num_prefix_tokens = cfg["num_prefix_tokens"]
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if self.distilled else None
+        n_pos = num_tokens(cfg) - (self.num_prefix_tokens if cfg["no_embed_class"] else 0)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, d))
+        self.norm_pre = nn.LayerNorm(d, eps=cfg["norm_eps"]) if cfg["pre_norm"] else nn.Identity()
+        self.blocks = nn.Sequential(*[Block(cfg, b["num_heads"], b["mlp_hidden"]) for b in cfg["blocks"]])
+        self.norm = nn.LayerNorm(d, eps=cfg["norm_eps"])
+        self.head = nn.Linear(d, cfg["num_classes"])
+        self.head_dist = nn.Linear(d, cfg["num_classes"]) if self.distilled else None
+
+    def _prefix(self, B: int) -> torch.Tensor:
+        toks = [self.cls_token] + ([self.dist_token] if self.distilled else [])
+        return torch.cat([t.expand(B, -1, -1) for t in toks], dim=1)
+
+    def forward_features(self, x: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        """images (B, C, H, W) -> all tokens (B, N, d), after the final norm unless told not to.
+
+        Senders skip the final norm here and fuse it with int8 quantisation
+        (`devit_ext.ops.layernorm_quantize_int8` with `self.norm`'s parameters).
+        """
+        x = self.patch_embed(x)
+        prefix = self._prefix(x.shape[0])
+        if self.cfg["no_embed_class"]:
+            x = torch.cat([prefix, x + self.pos_embed], dim=1)
+        else:
+            x = torch.cat([prefix, x], dim=1) + self.pos_embed
+        x = self.blocks(self.norm_pre(x))
+        return self.norm(x) if final_norm else x
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The token a device sends: (B, d), or (B, 2, d) with a distillation token."""
+        f = self.forward_features(x)
+        return f[:, :2] if self.distilled else f[:, 0]
+
+    def forward_head(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local logits (z_cls, z_dist); for a plain ViT both are the same tensor."""
+        if self.distilled:
+            return self.head(tokens[:, 0]), self.head_dist(tokens[:, 1])
+        z = self.head(tokens)
+        return z, z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z, zd = self.forward_head(self.forward_tokens(x))
+        return z if not self.distilled else (z + zd) / 2
+
+    def flops(self) -> int:
+        return vit_flops(self.cfg)
+
+    def num_params(self) -> int:
+        """Parameters a device runs (the local training head left out)."""
+        skip = {id(p) for m in (self.head, self.head_dist) if m is not None for p in m.parameters()}
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+
+# ---------------------------------------------------------------------------
+# Fusion head and the DeViT container
+# ---------------------------------------------------------------------------
+
+
+class FusionHead(nn.Module):
+    """concat(tokens) -> Linear(sum widths -> d_T) -> Linear(d_T -> C), no non-linearity (METHOD.md).
+
+    With distillation tokens a second branch fuses those and the two logit sets
+    are averaged.
+    """
+
+    def __init__(self, widths: Sequence[int], teacher_dim: int, num_classes: int, distilled: bool = False):
+        super().__init__()
+        self.widths = [int(w) for w in widths]
+        self.distilled = bool(distilled)
+        self.map = nn.Linear(sum(self.widths), teacher_dim)
+        self.head = nn.Linear(teacher_dim, num_classes)
+        self.map_dist = nn.Linear(sum(self.widths), teacher_dim) if distilled else None
+        self.head_dist = nn.Linear(teacher_dim, num_classes) if distilled else None
+
+    def branches(self) -> list[tuple[nn.Linear, nn.Linear]]:
+        """(linear map, classifier) per token kind: [cls] or [cls, dist]."""
+        out = [(self.map, self.head)]
+        if self.distilled:
+            out.append((self.map_dist, self.head_dist))
+        return out
+
+    def mapped(self, tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Linear map of the concatenated tokens, per branch: what is matched to the teacher's tokens."""
+        cat = torch.cat(list(tokens), dim=-1)
+        if self.distilled:
+            return [self.map(cat[:, 0]), self.map_dist(cat[:, 1])]
+        return [self.map(cat)]
+
+    def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+        hs = self.mapped(tokens)
+        logits = [cls(h) for h, (_, cls) in zip(hs, self.branches())]
+        return logits[0] if len(logits) == 1 else (logits[0] + logits[1]) / 2
+
+
+class DeViT(nn.Module):
+    """N class-specialised sub-models, their class groups and the fusion head."""
+
+    def __init__(self, submodels: Sequence[SubViT], class_groups: Sequence[Sequence[int]], fusion: FusionHead, meta: dict):
+        super().__init__()
+        self.submodels = nn.ModuleList(submodels)
+        self.class_groups = [[int(c) for c in g] for g in class_groups]
+        self.fusion = fusion
+        self.meta = copy.deepcopy(meta)
+
+    # -- properties -------------------------------------------------------
+    @property
+    def num_devices(self) -> int:
+        return len(self.submodels)
+
+    @property
+    def widths(self) -> list[int]:
+        return [m.embed_dim for m in self.submodels]
+
+    @property
+    def distilled(self) -> bool:
+        return self.fusion.distilled
+
+    @property
+    def num_classes(self) -> int:
+        return self.fusion.head.out_features
+
+    @property
+    def img_size(self) -> list[int]:
+        return list(self.meta["img_size"])
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.meta["in_chans"])
+
+    # -- forward passes ---------------------------------------------------
+    def forward_tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [m.forward_tokens(images) for m in self.submodels]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fusion(self.forward_tokens(images))
+
+    # -- costs ------------------------------------------------------------
+    def flops(self) -> list[int]:
+        return [m.flops() for m in self.submodels]
+
+    def num_params(self) -> list[int]:
+        return [m.num_params() for m in self.submodels]
+
+    def fusion_flops(self) -> int:
+        return sum(2 * a.in_features * a.out_features + 2 * b.in_features * b.out_features for a, b in self.fusion.branches())
+
+    # -- persistence ------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "meta": self.meta,
+            "class_groups": self.class_groups,
+            "submodels": [m.cfg for m in self.submodels],
+            "fusion": {
+                "widths": self.fusion.widths,
+                "teacher_dim": self.fusion.map.out_features,
+                "num_classes": self.num_classes,
+                "distilled": self.distilled,
+            },
+        }
+
+    def content_hash(self) -> str:
+        return state_hash(self.state_dict())
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write `path/config.json` and `path/model.safetensors`; returns the content hash."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        digest = state_hash(state)
+        cfg = self.config()
+        cfg["content_hash"] = digest
+        save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"content_hash": digest, "format": "devit"})
+        tmp = os.path.join(path, CONFIG_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(cfg, f, indent=1)
+        os.replace(tmp, os.path.join(path, CONFIG_FILE))
+        return digest
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "DeViT":
+        subs = [SubViT(c) for c in cfg["submodels"]]
+        fcfg = cfg["fusion"]
+        fusion = FusionHead(fcfg["widths"], fcfg["teacher_dim"], fcfg["num_classes"], fcfg["distilled"])
+        return cls(subs, cfg["class_groups"], fusion, cfg["meta"])
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of every tensor, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class CheckpointError(ValueError):
+    """A saved DeViT that is missing, truncated, edited or does not match its config."""
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DeViT:
+    """Load a DeViT saved with `DeViT.save`: safetensors + JSON, verified against its content hash."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    cfg_path, w_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            raise CheckpointError(f"path: {path!r} is not a saved DeViT (missing {os.path.basename(p)})")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"path: {cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format_version") != FORMAT_VERSION:
+        got = cfg.get("format_version") if isinstance(cfg, dict) else None
+        raise CheckpointError(f"path: {cfg_path} has format_version {got!r}, expected {FORMAT_VERSION}")
+    try:
+        model = DeViT.from_config(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"path: {cfg_path} does not describe a DeViT ({type(e).__name__}: {e})") from None
+    try:
+        state = load_file(w_path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"path: {w_path} is corrupt or truncated ({e})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"path: weights do not match the config (missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''})"
+        )
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"path: tensor {k} has shape {tuple(state[k].shape)}, config implies {tuple(v.shape)}")
+    digest = state_hash(state)
+    if digest != cfg.get("content_hash"):
+        raise CheckpointError(
+            f"path: content hash mismatch (config says {str(cfg.get('content_hash'))[:12]}, weights hash to {digest[:12]}): "
+            "the files were edited or come from different saves"
+        )
+    model.load_state_dict(state)
+    return model.to(map_location)
