@@ -372,6 +372,12 @@ class DeViT(nn.Module):
     def fusion_flops(self) -> int:
         return sum(2 * a.in_features * a.out_features + 2 * b.in_features * b.out_features for a, b in self.fusion.branches())
 
+    def summary(self) -> str:
+        """Text table: each device's classes, shape, parameters and FLOPs (`decompose.summary_table`)."""
+        from .decompose import summary_table
+
+        return summary_table(self)
+
     # -- persistence ------------------------------------------------------
     def config(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,577 @@
+"""Decompose a timm ViT into N physically pruned, class-specialised sub-models (stages 1 and 2).
+
+    model = devit_ext.decompose(teacher, 4)                       # 4 devices, 10% of the teacher's FLOPs each
+    model = devit_ext.decompose(teacher, 2, budgets=[0.3, 0.1])   # heterogeneous devices
+    model = devit_ext.decompose(vit_l, 4, budgets=[{"embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_hidden": 768}] * 4)
+
+Steps: validate the teacher (`model.teacher_config`) and the arguments; turn
+each device's budget into a sub-model shape; split the classes into groups
+(`partition.py`); score the teacher's units for each group (`importance.py`);
+slice the teacher's weights down to the kept units (`prune`); initialise the
+fusion head from the teacher (`init_fusion`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import importance as imp
+from . import partition as part
+from .model import DeViT, FusionHead, SubViT, num_tokens, teacher_config, vit_flops
+
+DEFAULT_TOTAL_FRACTION = 0.4  # default: all devices together get 40% of the teacher's FLOPs, equal shares
+SEARCH_TOL = 0.03  # shape search aims within 3% of the budget ...
+BUDGET_TOL = 0.10  # ... and fails loudly beyond 10%
+SHAPE_KEYS = ("embed_dim", "depth", "num_heads", "mlp_hidden")
+
+
+# ---------------------------------------------------------------------------
+# Shapes, parameter counts, budgets
+# ---------------------------------------------------------------------------
+
+
+def shape_config(tcfg: dict, embed_dim: int, blocks: Sequence[dict], num_classes: int) -> dict:
+    """A SubViT config: the teacher's with width, blocks and (local) class count replaced."""
+    cfg = copy.deepcopy(tcfg)
+    cfg["embed_dim"] = int(embed_dim)
+    cfg["blocks"] = [{"num_heads": int(b["num_heads"]), "mlp_hidden": int(b["mlp_hidden"])} for b in blocks]
+    cfg["num_classes"] = int(num_classes)
+    return cfg
+
+
+def uniform_config(tcfg: dict, d: int, depth: int, heads: int, mlp: int, num_classes: int = 1) -> dict:
+    return shape_config(tcfg, d, [{"num_heads": heads, "mlp_hidden": mlp}] * depth, num_classes)
+
+
+def vit_params(cfg: dict) -> int:
+    """Parameters a device runs (local classifier left out); equals `SubViT(cfg).num_params()`."""
+    d, D, P = cfg["embed_dim"], cfg["head_dim"], cfg["num_prefix_tokens"]
+    ph, pw = cfg["patch_size"]
+    n_pos = num_tokens(cfg) - (P if cfg["no_embed_class"] else 0)
+    n = d * cfg["in_chans"] * ph * pw + (d if cfg["patch_bias"] else 0)
+    n += P * d + n_pos * d + (2 * d if cfg["pre_norm"] else 0) + 2 * d
+    for b in cfg["blocks"]:
+        a, m = b["num_heads"] * D, b["mlp_hidden"]
+        n += 2 * d + 3 * a * d + (3 * a if cfg["qkv_bias"] else 0) + a * d + d  # norm1, qkv, proj
+        n += 2 * d + m * d + m + m * d + d  # norm2, fc1, fc2
+        n += 2 * d if cfg["layer_scale"] else 0  # ls1, ls2 gammas
+    return int(n)
+
+
+def describe_shape(cfg: dict) -> str:
+    """'d192 L12 h3 m768', with ranges where blocks differ."""
+
+    def rng(vals):
+        return str(vals[0]) if min(vals) == max(vals) else f"{min(vals)}-{max(vals)}"
+
+    bl = cfg["blocks"]
+    return f"d{cfg['embed_dim']} L{len(bl)} h{rng([b['num_heads'] for b in bl])} m{rng([b['mlp_hidden'] for b in bl])}"
+
+
+def _dims(limit: int) -> list[int]:
+    """Candidate sizes up to `limit`: multiples of 8 (all of 1..limit when it is below 16), plus `limit`."""
+    if limit < 16:
+        return list(range(1, limit + 1))
+    return sorted(set(range(8, limit + 1, 8)) | {limit})
+
+
+def search_shape(tcfg: dict, target: float, kind: str = "flops") -> dict:
+    """The uniform shape (embed_dim, depth, num_heads, mlp_hidden) closest to `target` FLOPs or params.
+
+    Grid: depth 1..L_T, heads 1..H_T (head width kept), embed_dim in multiples
+    of 8 up to the teacher's; mlp_hidden is then solved for the target and
+    rounded to a multiple of 8. Among the shapes within 3% of the target the
+    most teacher-like is taken: embed_dim close to heads x head_dim, MLP ratio
+    close to the teacher's, depth close to L_T x f^0.15 (f the budget fraction:
+    small budgets cut width faster than depth, as the ViT family does; ViT-L at
+    2% gives 13, next to ViT-Ti's 12). A target at or above the teacher's own
+    cost gives the teacher's shape.
+    """
+    dT, D, P = tcfg["embed_dim"], tcfg["head_dim"], tcfg["num_prefix_tokens"]
+    LT, HT = len(tcfg["blocks"]), max(b["num_heads"] for b in tcfg["blocks"])
+    MT = max(b["mlp_hidden"] for b in tcfg["blocks"])
+    cost = vit_flops if kind == "flops" else vit_params
+    full = cost(tcfg)
+    if target >= full:
+        return {"embed_dim": dT, "depth": LT, "num_heads": HT, "mlp_hidden": MT, "blocks": copy.deepcopy(tcfg["blocks"])}
+    ratio, frac = MT / dT, target / full
+    L_pref = max(1.0, LT * frac**0.15)
+    # cost is polynomial in the shape: c0(d) + L * (c1(d, h) + cm(d) * m) with c0, cm affine in d and
+    # c1 bilinear in (d, h); read the coefficients off a few probe configs, then evaluate the grid at once.
+    def probe(d, L, h, m):
+        return float(cost(uniform_config(tcfg, d, L, h, m)))
+
+    def c1(d, h):
+        return probe(d, 2, h, 0) - probe(d, 1, h, 0)
+
+    c0a = (probe(2, 1, 1, 0) - c1(2, 1)) - (probe(1, 1, 1, 0) - c1(1, 1))
+    c0b = (probe(1, 1, 1, 0) - c1(1, 1)) - c0a
+    p11, p12, p21, p22 = c1(1, 1), c1(1, 2), c1(2, 1), c1(2, 2)
+    dh = p22 - p21 - p12 + p11
+    dd, hh = p21 - p11 - dh, p12 - p11 - dh
+    cst = p11 - dh - dd - hh
+    cm1 = probe(1, 1, 1, 1) - probe(1, 1, 1, 0)
+    cma = probe(2, 1, 1, 1) - probe(2, 1, 1, 0) - cm1
+    cmb = cm1 - cma
+    f64 = torch.float64
+    d = torch.tensor(_dims(dT), dtype=f64)[:, None, None]
+    h = torch.arange(1, HT + 1, dtype=f64)[None, :, None]
+    L = torch.arange(1, LT + 1, dtype=f64)[None, None, :]
+    c0, cl, cm = c0a * d + c0b, dh * d * h + dd * d + hh * h + cst, cma * d + cmb
+    m_exact = (target - c0 - L * cl) / (L * cm)
+    cands = []
+    for rnd in (torch.floor, torch.ceil):
+        m_fine = rnd(m_exact).clamp(1, MT)
+        m_8 = (8 * rnd(m_exact / 8)).clamp(8, MT)
+        cands.append(torch.where(m_exact >= 8, m_8, m_fine))
+    m = torch.stack(cands)  # (2, nd, nh, nL)
+    c = c0 + L * (cl + cm * m)
+    err = (c / target - 1).abs()
+    pen = (d / (h * D)).log().abs() + (m / (ratio * d)).log().abs() + 0.5 * (L / L_pref).log().abs()
+    key = torch.where(err <= SEARCH_TOL, pen + err, 1e6 + err)
+    i = int(torch.argmin(key.flatten()))  # first minimum: deterministic
+    _, di, hi, li = torch.unravel_index(torch.tensor(i), key.shape)
+    d, h, L, m = int(d.flatten()[di]), int(h.flatten()[hi]), int(L.flatten()[li]), int(m.flatten()[i])
+    return {"embed_dim": d, "depth": L, "num_heads": h, "mlp_hidden": m, "blocks": [{"num_heads": h, "mlp_hidden": m}] * L}
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def resolve_budgets(tcfg: dict, num_devices: int, budgets) -> tuple[list[dict], list[dict]]:
+    """Per device: (shape, target) where target is {"kind", "value"} or None for explicit shapes."""
+    teacher_flops = vit_flops(tcfg, include_head=True)
+    teacher_params = vit_params(tcfg)
+    if budgets is None:
+        budgets = [DEFAULT_TOTAL_FRACTION / num_devices] * num_devices
+    if isinstance(budgets, (str, bytes, dict)) or not isinstance(budgets, (list, tuple)):
+        raise ValueError(f"budgets: expected a list with one entry per device, got {type(budgets).__name__}")
+    if len(budgets) != num_devices:
+        raise ValueError(f"budgets: {len(budgets)} entries for num_devices={num_devices}")
+    LT = len(tcfg["blocks"])
+    limits = {
+        "embed_dim": tcfg["embed_dim"],
+        "depth": LT,
+        "num_heads": max(b["num_heads"] for b in tcfg["blocks"]),
+        "mlp_hidden": max(b["mlp_hidden"] for b in tcfg["blocks"]),
+    }
+    shapes, targets = [], []
+    for i, b in enumerate(budgets):
+        where = f"budgets[{i}]"
+        if _is_number(b):
+            if not (0 < b <= 1):
+                raise ValueError(f"{where}: fraction of the teacher's FLOPs must be in (0, 1], got {b}")
+            kind, value = "flops", float(b) * teacher_flops
+        elif isinstance(b, dict) and set(b) == {"flops"} or isinstance(b, dict) and set(b) == {"params"}:
+            kind, value = next(iter(b.items()))
+            full = teacher_flops if kind == "flops" else teacher_params
+            if not _is_number(value) or not value > 0:
+                raise ValueError(f"{where}: {kind} must be a positive number, got {value!r}")
+            if value > full:
+                raise ValueError(f"{where}: {kind}={value:.4g} exceeds the teacher's {full:.4g}")
+            value = float(value)
+        elif isinstance(b, dict) and set(b) == set(SHAPE_KEYS):
+            for k in SHAPE_KEYS:
+                v = b[k]
+                if not _is_int(v) or v <= 0:
+                    raise ValueError(f"{where}: {k} must be a positive int, got {v!r}")
+                if v > limits[k]:
+                    raise ValueError(f"{where}: {k}={v} exceeds the teacher's {k} ({limits[k]})")
+            shape = {k: int(b[k]) for k in SHAPE_KEYS}
+            shape["blocks"] = [{"num_heads": shape["num_heads"], "mlp_hidden": shape["mlp_hidden"]}] * shape["depth"]
+            shapes.append(shape)
+            targets.append(None)
+            continue
+        else:
+            raise ValueError(
+                f"{where}: expected a fraction in (0, 1], {{'flops': n}}, {{'params': n}} or an explicit shape "
+                f"with exactly the keys {list(SHAPE_KEYS)}, got {b!r}"
+            )
+        shape = search_shape(tcfg, value, kind)
+        got = (vit_flops if kind == "flops" else vit_params)(shape_config(tcfg, shape["embed_dim"], shape["blocks"], 1))
+        if abs(got / value - 1) > BUDGET_TOL and value < (vit_flops if kind == "flops" else vit_params)(tcfg):
+            raise ValueError(
+                f"{where}: no sub-model shape has {kind} within {BUDGET_TOL:.0%} of {value:.4g} "
+                f"(closest: {got:.4g}); the smallest possible model is larger, raise the budget"
+            )
+        shapes.append(shape)
+        targets.append({"kind": kind, "value": value})
+    return shapes, targets
+
+
+# ---------------------------------------------------------------------------
+# Physical pruning
+# ---------------------------------------------------------------------------
+
+
+def top_units(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores (ties: lower index first), in ascending index order."""
+    order = torch.argsort(-scores.double(), stable=True)
+    return torch.sort(order[:k]).values
+
+
+def _expand_heads(heads: torch.Tensor, D: int, H: int, qkv: bool) -> torch.Tensor:
+    base = (heads[:, None] * D + torch.arange(D)).flatten()
+    return torch.cat([s * H * D + base for s in range(3)]) if qkv else base
+
+
+def prune(teacher_state: dict, tcfg: dict, keep: dict) -> SubViT:
+    """A SubViT holding exact slices of the teacher's weights.
+
+    keep: {"embed": idx, "blocks": [teacher block index, ...], "heads": [idx per kept block],
+    "neurons": [idx per kept block], "classes": [global class, ...]} (all indices ascending).
+    """
+    D = tcfg["head_dim"]
+    blocks = keep["blocks"]
+    pos = {t: s for s, t in enumerate(blocks)}
+    cfg = shape_config(
+        tcfg,
+        len(keep["embed"]),
+        [{"num_heads": len(h), "mlp_hidden": len(m)} for h, m in zip(keep["heads"], keep["neurons"])],
+        len(keep["classes"]),
+    )
+    classes = torch.tensor(keep["classes"], dtype=torch.long)
+    state = {}
+    for name, t in teacher_state.items():
+        axes = imp.param_axes(name)
+        if name.startswith("blocks."):
+            parts = name.split(".")
+            k = int(parts[1])
+            if k not in pos:
+                continue
+            name = ".".join(["blocks", str(pos[k])] + parts[2:])
+        t = t.detach()
+        for axis, kind in axes.items():
+            if kind[0] == "embed":
+                idx = keep["embed"]
+            elif kind[0] == "classes":
+                idx = classes
+            elif kind[0] in ("qkv", "heads"):
+                H = tcfg["blocks"][kind[1]]["num_heads"]
+                idx = _expand_heads(keep["heads"][pos[kind[1]]], D, H, kind[0] == "qkv")
+            else:
+                idx = keep["neurons"][pos[kind[1]]]
+            t = t.index_select(axis, idx.to(t.device))
+        state[name] = t.to("cpu", torch.float32)
+    sub = SubViT(cfg)
+    sub.load_state_dict(state, strict=True)
+    return sub
+
+
+def choose_units(scores: dict, shape: dict, tcfg: dict, block_select: str) -> dict:
+    L = shape["depth"]
+    if block_select == "first" or scores.get("blocks") is None:
+        blocks = list(range(L))
+    else:
+        blocks = top_units(scores["blocks"], L).tolist()
+    bl = shape["blocks"]
+    return {
+        "embed": top_units(scores["embed"], shape["embed_dim"]),
+        "blocks": blocks,
+        "heads": [top_units(scores["heads"][k], min(bl[i]["num_heads"], len(scores["heads"][k]))) for i, k in enumerate(blocks)],
+        "neurons": [top_units(scores["neurons"][k], min(bl[i]["mlp_hidden"], len(scores["neurons"][k]))) for i, k in enumerate(blocks)],
+    }
+
+
+def init_fusion(teacher_state: dict, tcfg: dict, kept_embed: list[torch.Tensor]) -> FusionHead:
+    """Fusion head initialised from the teacher, so the ensemble starts near the teacher.
+
+    `head` (and `head_dist`) are exact copies of the teacher's classifiers: the
+    map's output space is the teacher's token space. The map is a block
+    "scatter-average": device i's j-th channel is teacher channel E_i[j], so it
+    goes back to that position with weight 1 / (number of devices keeping that
+    channel). Each device's normalised token approximates the teacher's token
+    on its kept channels (the norms are sliced from the teacher's), so this is
+    the average of the devices' estimates of each channel. Channels no device
+    keeps get the teacher's final-norm bias as map bias (a LayerNorm output's
+    value for an average input). With nothing pruned and one device the map is
+    the identity and the ensemble reproduces the teacher's logits. It needs no
+    data; stage 4 of DEKD trains the map from here (MSE to the teacher's token).
+    """
+    dT, C = tcfg["embed_dim"], tcfg["num_classes"]
+    fusion = FusionHead([len(e) for e in kept_embed], dT, C, tcfg["distilled"])
+    W = torch.zeros(dT, sum(len(e) for e in kept_embed))
+    cover = torch.zeros(dT)
+    for e in kept_embed:
+        cover[e] += 1
+    off = 0
+    for e in kept_embed:
+        W[e, off + torch.arange(len(e))] = 1.0 / cover[e]
+        off += len(e)
+    bias = torch.where(cover > 0, torch.zeros(dT), teacher_state["norm.bias"].detach().float().cpu())
+    with torch.no_grad():
+        for (mp, hd), hname in zip(fusion.branches(), ("head", "head_dist")):
+            mp.weight.copy_(W)
+            mp.bias.copy_(bias)
+            hd.weight.copy_(teacher_state[f"{hname}.weight"])
+            hd.bias.copy_(teacher_state[f"{hname}.bias"])
+    return fusion
+
+
+def fit_fusion_map(model: DeViT, teacher: nn.Module, images: torch.Tensor, batch_size: int = 32,
+                   ridge: float = 0.1) -> None:
+    """Refit the fusion map(s) by ridge least squares on `images`, shrunk towards the current (scatter) init.
+
+    Solves min_W ||[c_1..c_N, 1] W - c_T||^2 + lam ||W - W0||^2 per branch, where c_T is the teacher's
+    final class (distillation) token and lam = ridge x mean diagonal of X^T X. The shrinkage keeps the
+    solution well posed when there are fewer images than token channels.
+    """
+    dev = next(teacher.parameters()).device
+    xs, ts = [], []
+    with torch.no_grad():
+        for s in range(0, len(images), batch_size):
+            x = images[s : s + batch_size]
+            f = teacher.forward_features(x.to(dev)).double().cpu()
+            toks = [t.double().cpu() for t in model.forward_tokens(x.to(next(model.parameters()).device))]
+            xs.append(torch.cat(toks, dim=-1))
+            ts.append(f[:, :2] if model.distilled else f[:, 0])
+    X, T = torch.cat(xs), torch.cat(ts)
+    for b, (mp, _) in enumerate(model.fusion.branches()):
+        Xb = X[:, b] if model.distilled else X
+        Tb = T[:, b] if model.distilled else T
+        Xa = torch.cat([Xb, torch.ones(len(Xb), 1, dtype=Xb.dtype)], dim=1)
+        W0 = torch.cat([mp.weight.detach().double().cpu().T, mp.bias.detach().double().cpu()[None]], dim=0)
+        G = Xa.T @ Xa
+        lam = ridge * float(G.diagonal().mean())
+        W = torch.linalg.solve(G + lam * torch.eye(len(G), dtype=G.dtype), Xa.T @ Tb + lam * W0)
+        with torch.no_grad():
+            mp.weight.copy_(W[:-1].T.to(mp.weight))
+            mp.bias.copy_(W[-1].to(mp.bias))
+
+
+# ---------------------------------------------------------------------------
+# The public call
+# ---------------------------------------------------------------------------
+
+
+def _teacher_name(teacher: nn.Module) -> str:
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(teacher, attr, None)
+        if isinstance(cfg, dict) and cfg.get("architecture"):
+            return str(cfg["architecture"])
+    return type(teacher).__name__
+
+
+def _json_budgets(budgets):
+    if budgets is None:
+        return None
+    def num(v):
+        return int(v) if _is_int(v) else float(v) if _is_number(v) else str(v)
+
+    return [num(b) if _is_number(b) else {str(k): num(v) for k, v in b.items()} if isinstance(b, dict) else str(b)
+            for b in budgets]
+
+
+def decompose(
+    teacher: nn.Module,
+    num_devices: int,
+    *,
+    budgets: Sequence[Any] | None = None,
+    partition: str | Sequence[Sequence[int]] = "random",
+    importance: str = "magnitude",
+    data: Iterable | None = None,
+    seed: int = 0,
+    class_share: str = "equal",
+    block_select: str = "auto",
+    fusion_init: str = "scatter",
+    max_samples: int = 256,
+    batch_size: int = 32,
+) -> DeViT:
+    """Decompose a timm ViT `teacher` into `num_devices` class-specialised, physically pruned sub-models.
+
+    Args:
+        teacher: a timm `VisionTransformer` with a class token (vit_*, deit_*,
+            deit3_*, DeiT distilled: the sub-models then keep both tokens).
+        num_devices: N, 1 <= N <= number of classes.
+        budgets: one entry per device: a fraction in (0, 1] of the teacher's
+            FLOPs (`meta["teacher_flops"]`, one image, head included),
+            `{"flops": n}`, `{"params": n}` (parameters the device runs), or an
+            explicit shape `{"embed_dim", "depth", "num_heads", "mlp_hidden"}`
+            (honoured exactly; uniform blocks). FLOPs/params budgets are met
+            within 10% (`search_shape`). Default: every device the same, all
+            together 40% of the teacher's FLOPs (0.4 / N each).
+        partition: "random" (the paper: seeded shuffle, contiguous chunks, the
+            last takes the remainder), "similarity" (balanced clustering of the
+            teacher's per-class mean class tokens on `data`), or explicit class
+            groups (N disjoint, non-empty lists covering every class).
+        importance: "magnitude" (weight norms, data-free), "taylor"
+            (|w x grad| of the group-restricted CE on `data`) or "hsic" (the
+            paper's criterion on `data`); scores are computed per class group.
+        data: iterable of (images, labels) batches, needed by "similarity",
+            "taylor" and "hsic"; at most `max_samples` images are used.
+        seed: seeds the random partition and the clustering.
+        class_share: "equal" group sizes, or "budget": sizes in proportion to
+            each device's FLOPs (heterogeneous devices; not for explicit groups).
+        block_select: which blocks a shallower sub-model keeps: "first" (the
+            first k: the kept stack computes exactly the teacher's
+            intermediate tokens up to block k, so the cut is at one place
+            only), "importance" (the k best-scored blocks, in order; needs a
+            criterion that scores blocks: taylor, hsic), or "auto" (importance
+            when the criterion scores blocks, else first).
+        fusion_init: "scatter" (data-free, see `init_fusion`) or "lstsq" (then
+            refit the map on `data` by ridge least squares to the teacher's
+            tokens, shrunk towards the scatter init: `fit_fusion_map`).
+        max_samples, batch_size: how many images of `data` to use, and the
+            teacher's batch size on them.
+
+    Returns a `DeViT` on the teacher's device. Sub-model heads are the
+    teacher's classifier rows for the group's classes (on the kept channels);
+    the fusion head is initialised from the teacher (`init_fusion`).
+    """
+    tcfg = teacher_config(teacher)
+    C = tcfg["num_classes"]
+    if C < 1:
+        raise ValueError("teacher: has no classifier (num_classes=0); build it with num_classes > 0")
+    if not _is_int(num_devices):
+        raise TypeError(f"num_devices: expected an int, got {type(num_devices).__name__}")
+    num_devices = int(num_devices)
+    if num_devices < 1:
+        raise ValueError(f"num_devices: must be >= 1, got {num_devices}")
+    if num_devices > C:
+        raise ValueError(f"num_devices: {num_devices} devices but the teacher has only {C} classes (each device needs one)")
+    if isinstance(importance, str) and importance not in imp.CRITERIA:
+        raise ValueError(f"importance: expected one of {sorted(imp.CRITERIA)}, got {importance!r}")
+    if not isinstance(importance, str):
+        raise ValueError(f"importance: expected one of {sorted(imp.CRITERIA)}, got {importance!r}")
+    if isinstance(partition, str) and partition not in ("random", "similarity"):
+        raise ValueError(f"partition: expected 'random', 'similarity' or a list of class groups, got {partition!r}")
+    if class_share not in ("equal", "budget"):
+        raise ValueError(f"class_share: expected 'equal' or 'budget', got {class_share!r}")
+    if block_select not in ("auto", "first", "importance"):
+        raise ValueError(f"block_select: expected 'auto', 'first' or 'importance', got {block_select!r}")
+    if block_select == "importance" and importance == "magnitude":
+        raise ValueError("block_select: 'importance' needs a criterion that scores blocks (importance='taylor' or 'hsic')")
+    if fusion_init not in ("scatter", "lstsq"):
+        raise ValueError(f"fusion_init: expected 'scatter' or 'lstsq', got {fusion_init!r}")
+    explicit = not isinstance(partition, str)
+    if explicit and class_share != "equal":
+        raise ValueError("class_share: only applies to 'random'/'similarity' partitions, not to explicit groups")
+    needs_data = [w for w, on in (("partition='similarity'", partition == "similarity"),
+                                  (f"importance={importance!r}", importance in imp.DATA_DRIVEN),
+                                  ("fusion_init='lstsq'", fusion_init == "lstsq")) if on]
+    if needs_data and data is None:
+        raise ValueError(f"data: {' and '.join(needs_data)} needs data (an iterable of (images, labels) batches)")
+
+    shapes, targets = resolve_budgets(tcfg, num_devices, budgets)
+    if explicit:
+        groups = part.check_groups(partition, C, num_devices)
+
+    images = labels = None
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        if needs_data:
+            images, labels = imp.collect_data(data, max_samples)
+            if int(labels.min()) < 0 or int(labels.max()) >= C:
+                raise ValueError(f"data: labels must be class indices in [0, {C}), got range "
+                                 f"[{int(labels.min())}, {int(labels.max())}]")
+            exp = [tcfg["in_chans"], *tcfg["img_size"]]
+            if list(images.shape[1:]) != exp:
+                raise ValueError(f"data: images have shape {list(images.shape[1:])}, the teacher takes {exp}")
+        if not explicit:
+            weights = None
+            if class_share == "budget":
+                weights = [vit_flops(shape_config(tcfg, s["embed_dim"], s["blocks"], 1)) for s in shapes]
+            sizes = part.group_sizes(C, num_devices, weights)
+            if partition == "random":
+                groups = part.random_groups(C, sizes, seed)
+            else:
+                dev = next(teacher.parameters()).device
+                with torch.no_grad():
+                    toks = torch.cat([teacher.forward_features(images[s].to(dev))[:, 0].double().cpu()
+                                      for s in imp._batches(len(images), batch_size)])
+                groups = part.similarity_groups(toks, labels, teacher.head.weight.detach().cpu(), sizes, seed)
+        kwargs = {"images": images, "labels": labels, "batch_size": batch_size}
+        scores = imp.CRITERIA[importance](teacher, tcfg, groups, **kwargs)
+    finally:
+        teacher.train(was_training)
+
+    state = teacher.state_dict()
+    subs, kept_embed, kept_blocks = [], [], []
+    for g, shape, s in zip(groups, shapes, scores):
+        keep = choose_units(s, shape, tcfg, block_select)
+        keep["classes"] = g
+        subs.append(prune(state, tcfg, keep))
+        kept_embed.append(keep["embed"])
+        kept_blocks.append(keep["blocks"])
+    fusion = init_fusion(state, tcfg, kept_embed)
+    meta = {
+        "teacher_name": _teacher_name(teacher),
+        "img_size": list(tcfg["img_size"]),
+        "patch_size": list(tcfg["patch_size"]),
+        "in_chans": tcfg["in_chans"],
+        "mean": tcfg["mean"],
+        "std": tcfg["std"],
+        "num_classes": C,
+        "teacher_dim": tcfg["embed_dim"],
+        "teacher_depth": len(tcfg["blocks"]),
+        "teacher_flops": vit_flops(tcfg, include_head=True),
+        "teacher_params": vit_params(tcfg),
+        "distilled": tcfg["distilled"],
+        "seed": int(seed),
+        "partition": partition if isinstance(partition, str) else "explicit",
+        "importance": importance,
+        "budgets": _json_budgets(budgets),
+        "budget_targets": targets,
+        "class_share": class_share,
+        "block_select": block_select,
+        "fusion_init": fusion_init,
+        # teacher block / embedding channel behind each sub-model block / channel (for feature matching)
+        "kept_blocks": kept_blocks,
+        "kept_embed": [e.tolist() for e in kept_embed],
+    }
+    model = DeViT(subs, groups, fusion, meta)
+    if fusion_init == "lstsq":
+        was_training = teacher.training
+        try:
+            fit_fusion_map(model.eval(), teacher.eval(), images, batch_size)
+        finally:
+            teacher.train(was_training)
+            model.train()
+    p = next(teacher.parameters())
+    return model.to(device=p.device, dtype=p.dtype if p.dtype.is_floating_point else None)
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def summary_table(model: DeViT, max_classes: int = 6) -> str:
+    """A text table: one row per device (classes, shape, params, FLOPs, share of the teacher's FLOPs)."""
+    tf = model.meta.get("teacher_flops")
+    rows = [("device", "classes", "shape", "params", "FLOPs", "% teacher")]
+    for i, (m, g) in enumerate(zip(model.submodels, model.class_groups)):
+        shown = ",".join(map(str, g[:max_classes])) + (",..." if len(g) > max_classes else "")
+        f = m.flops()
+        rows.append((str(i), f"{len(g)}: {shown}", describe_shape(m.cfg), _fmt_count(m.num_params()),
+                     _fmt_count(f), f"{100 * f / tf:.1f}" if tf else "-"))
+    ff = model.fusion_flops()
+    fp = sum(p.numel() for p in model.fusion.parameters())
+    rows.append(("fusion", str(model.num_classes), f"{sum(model.widths)}->{model.meta.get('teacher_dim')}->{model.num_classes}",
+                 _fmt_count(fp), _fmt_count(ff), f"{100 * ff / tf:.1f}" if tf else "-"))
+    tot = sum(model.flops()) + ff
+    rows.append(("total", "", "", _fmt_count(sum(model.num_params()) + fp), _fmt_count(tot),
+                 f"{100 * tot / tf:.1f}" if tf else "-"))
+    w = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(r[c].ljust(w[c]) if c < 3 else r[c].rjust(w[c]) for c in range(len(r))).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    head = f"{model.meta.get('teacher_name', 'teacher')}: {_fmt_count(tf) if tf else '?'} FLOPs -> {model.num_devices} devices"
+    return head + "\n" + "\n".join(lines)

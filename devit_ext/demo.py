@@ -1,0 +1,333 @@
+"""`devit-ext demo`: the whole pipeline on MNIST-5k, on this machine, in a few minutes.
+
+1. train a small timm ViT teacher on MNIST-5k (cached: later runs load it),
+2. decompose it into N class-specialised sub-models (40% of its FLOPs in total),
+3. DEKD: stage "distill" per device, then stage "ensemble" (int8-aware, with
+   random device dropout so an answer with a missing device stays useful),
+4. evaluate on the test split (never used before) and print a table: teacher vs
+   DeViT accuracy with tokens sent as fp32 and as int8, one device missing,
+   parameters/FLOPs/latency/bytes per device and in total.
+
+`--json` writes the numbers, `--plot` draws accuracy against FLOPs.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+
+# The recipe (tuned on 2 CPU cores; see docs/demo-results.md).
+TEACHER = dict(embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, patch_size=7)
+TEACHER_TRAIN = dict(epochs=30, batch_size=128, lr=2e-3, shift=2)
+DEKD = dict(epochs={"distill": 8, "ensemble": 8}, lr={"distill": 2e-3, "ensemble": 1e-3}, batch_size=64,
+            device_dropout=0.1, shift=1)
+TINY_TEACHER = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=7)
+TINY_TEACHER_TRAIN = dict(epochs=1, batch_size=32, lr=2e-3, shift=2)
+TINY_DEKD = dict(epochs={"distill": 1, "ensemble": 1}, lr={"distill": 2e-3, "ensemble": 1e-3}, batch_size=32,
+                 device_dropout=0.1, shift=1)
+
+
+def _default_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "devit-ext", "demo")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", type=int, default=4, help="number of edge devices / sub-models (default 4)")
+    p.add_argument("--budget", type=float, default=0.4,
+                   help="all devices together get this fraction of the teacher's FLOPs (default 0.4)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PATH", help="draw accuracy against FLOPs (PNG, matplotlib)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train and evaluate")
+    p.add_argument("--cache-dir", default=None,
+                   help=f"where the trained teacher is kept (safetensors + JSON; default {_default_cache()})")
+    p.add_argument("--no-cache", action="store_true", help="always train the teacher, keep nothing")
+    p.add_argument("--out-dir", default=None, help="DEKD checkpoints and the trained DeViT (devit_ext.load)")
+    p.add_argument("--epochs", type=int, default=None, help="teacher epochs (default 30; --tiny: 1)")
+    p.add_argument("--dekd-epochs", type=int, nargs=2, metavar=("DISTILL", "ENSEMBLE"), default=None,
+                   help="DEKD epochs per stage (default 8 8; --tiny: 1 1)")
+    p.add_argument("--device-dropout", type=float, default=None,
+                   help="probability of zeroing one random device's tokens per sample in stage 'ensemble' (0.1)")
+    p.add_argument("--tiny", action="store_true",
+                   help="a seconds-long smoke version: 300 training images, a 2-block 32-wide teacher, 1 epoch each")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _latency_ms(fn, x, repeats: int) -> float:
+    import torch
+
+    with torch.no_grad():
+        for _ in range(3):
+            fn(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _teacher_key(data_name: str, arch: dict, train: dict, seed: int, subset) -> str:
+    blob = json.dumps({"data": data_name, "arch": arch, "train": train, "seed": seed, "subset": subset,
+                       "format": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.time()
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        print("devit-ext demo: needs torch", file=sys.stderr)
+        return 1
+    from . import data as D
+    from .decompose import decompose
+    from .dekd import evaluate, train_dekd
+    from .train_teacher import accuracy, load_teacher, save_teacher, train_teacher
+    from . import _trainutil as U
+
+    if args.devices < 1:
+        print(f"devit-ext demo: --devices must be >= 1, got {args.devices}", file=sys.stderr)
+        return 2
+    if not 0 < args.budget <= 1:
+        print(f"devit-ext demo: --budget must be in (0, 1], got {args.budget}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("devit-ext demo: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    dev = torch.device(args.device)
+    progress = not args.quiet
+    say = print
+
+    try:
+        splits = D.mnist5k(seed=args.seed)
+    except ImportError as e:
+        print(f"devit-ext demo: {e}", file=sys.stderr)
+        return 1
+    train, val, test = splits.train, splits.val, splits.test
+    subset = None
+    if args.tiny:
+        subset = (300, 100, 200)
+        train = D.ImageDataset(train.images[:300], train.labels[:300], 10)
+        val = D.ImageDataset(val.images[:100], val.labels[:100], 10)
+        test = D.ImageDataset(test.images[:200], test.labels[:200], 10)
+    arch = dict(TINY_TEACHER if args.tiny else TEACHER)
+    ttrain = dict(TINY_TEACHER_TRAIN if args.tiny else TEACHER_TRAIN)
+    recipe = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (TINY_DEKD if args.tiny else DEKD).items()}
+    if args.epochs is not None:
+        ttrain["epochs"] = args.epochs
+    if args.dekd_epochs is not None:
+        recipe["epochs"] = {"distill": args.dekd_epochs[0], "ensemble": args.dekd_epochs[1]}
+    if args.device_dropout is not None:
+        recipe["device_dropout"] = args.device_dropout
+    say(f"devit-ext demo: MNIST-5k ({len(train)} train / {len(val)} val / {len(test)} test, "
+        f"{splits.in_chans}x{splits.img_size}x{splits.img_size}), {args.devices} devices, "
+        f"{threads} CPU thread(s), device {dev}")
+
+    # 1. teacher (cached) -----------------------------------------------------------------
+    cache = None if args.no_cache else (args.cache_dir or _default_cache())
+    key = _teacher_key(splits.name, arch, ttrain, args.seed, subset)
+    tdir = os.path.join(cache, f"teacher-{key}") if cache else None
+    teacher_seconds, cached = None, False
+    if tdir and os.path.isfile(os.path.join(tdir, "teacher.json")):
+        teacher, extra = load_teacher(tdir)
+        teacher_seconds, cached = extra.get("train_seconds"), True
+        say(f"[1/4] teacher loaded from {tdir}")
+    else:
+        say(f"[1/4] training the teacher ({arch}, {ttrain['epochs']} epochs) ...")
+        t0 = time.time()
+        teacher, _ = train_teacher(train, val, img_size=splits.img_size, in_chans=splits.in_chans, num_classes=10,
+                                   mean=splits.mean, std=splits.std, seed=args.seed, device=dev,
+                                   progress=progress, **arch, **ttrain)
+        teacher_seconds = time.time() - t0
+        if tdir:
+            save_teacher(teacher, tdir, extra={"train_seconds": teacher_seconds})
+            say(f"      cached in {tdir}")
+    teacher = teacher.to(dev).eval()
+    teacher_acc = accuracy(teacher, test.images, test.labels, device=dev)
+    say(f"      teacher test accuracy {100 * teacher_acc:.2f}%")
+
+    # 2. decompose ------------------------------------------------------------------------
+    budgets = [args.budget / args.devices] * args.devices
+    model = decompose(teacher, args.devices, budgets=budgets, seed=args.seed)
+    tf = int(model.meta["teacher_flops"])
+    # the shape search may overshoot a budget by a few percent: shrink until the total fits
+    for _ in range(8):
+        if sum(model.flops()) <= args.budget * tf:
+            break
+        budgets = [b * 0.97 for b in budgets]
+        model = decompose(teacher, args.devices, budgets=budgets, seed=args.seed)
+    say(f"[2/4] decomposed: devices {[len(g) for g in model.class_groups]} classes, widths {model.widths}, "
+        f"{100 * sum(model.flops()) / tf:.1f}% of the teacher's FLOPs")
+
+    # 3. DEKD --------------------------------------------------------------------------------
+    say(f"[3/4] DEKD: {recipe['epochs']} epochs, device dropout {recipe['device_dropout']} ...")
+    t0 = time.time()
+    history = train_dekd(model, teacher, train, val, device=dev, out_dir=args.out_dir, seed=args.seed,
+                         progress=progress, quant_aware=True, **recipe)
+    dekd_seconds = time.time() - t0
+
+    # 4. evaluate ---------------------------------------------------------------------------
+    say("[4/4] evaluating on the test split ...")
+    model.eval()
+    acc_fp32 = evaluate(model, test, transfer="fp32", device=dev)
+    acc_int8 = evaluate(model, test, transfer="int8", device=dev)
+    acc_missing = evaluate(model, test, transfer="int8", missing=[0], device=dev)
+    owner = {c: i for i, g in enumerate(model.class_groups) for c in g}
+    local_acc = []
+    with torch.no_grad():
+        for i, (m, g) in enumerate(zip(model.submodels, model.class_groups)):
+            keep = torch.isin(test.labels, torch.as_tensor(g))
+            lut = {c: j for j, c in enumerate(g)}
+            yl = torch.tensor([lut[int(c)] for c in test.labels[keep]])
+            z = U.predict(m, test.images[keep], 500, dev)
+            local_acc.append(float((z.argmax(-1) == yl).float().mean()))
+    del owner
+
+    collab = {}
+    try:  # the engines are another module; use them when they exist and work
+        import devit_ext
+
+        for transfer in ("fp32", "int8"):
+            with torch.no_grad():
+                logits = devit_ext.collaborate(model, test.images.to(dev), engine="local", transfer=transfer)
+            collab[transfer] = float((logits.argmax(-1).cpu() == test.labels).float().mean())
+    except Exception as e:  # noqa: BLE001 - reported, never fatal
+        collab = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+
+    # latency per image (batch 1), median of timed runs, on this machine
+    reps = 5 if args.tiny else 30
+    x1 = test.images[:1].to(dev)
+    lat_teacher = _latency_ms(teacher, x1, reps)
+    lat_dev = [_latency_ms(m.forward_tokens, x1, reps) for m in model.submodels]
+    toks = [t.float() for t in model.forward_tokens(x1)]
+    lat_fusion = _latency_ms(model.fusion, toks, reps)
+    lat_seq = _latency_ms(model, x1, reps)
+
+    n_tok = 2 if model.distilled else 1
+    bytes_int8 = [n_tok * (w + 4) for w in model.widths]
+    bytes_fp32 = [n_tok * 4 * w for w in model.widths]
+    dev_flops = [int(f) for f in model.flops()]
+    dev_params = [int(p) for p in model.num_params()]
+    fusion_flops = int(model.fusion_flops())
+    fusion_params = sum(p.numel() for p in model.fusion.parameters())
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    total_seconds = time.time() - t_start
+
+    # table ---------------------------------------------------------------------------------
+    rows = [("model", "classes", "params", "FLOPs", "% teacher", "latency ms", "acc %", "bytes/img")]
+    rows.append(("teacher", str(model.num_classes), _fmt(teacher_params), _fmt(tf), "100.0", f"{lat_teacher:.2f}",
+                 f"{100 * teacher_acc:.2f}", f"{splits.in_chans * splits.img_size ** 2} (image, uint8)"))
+    for i in range(model.num_devices):
+        rows.append((f"device {i}", str(len(model.class_groups[i])), _fmt(dev_params[i]), _fmt(dev_flops[i]),
+                     f"{100 * dev_flops[i] / tf:.1f}", f"{lat_dev[i]:.2f}", f"{100 * local_acc[i]:.2f} (own)",
+                     f"{bytes_int8[i]} int8 / {bytes_fp32[i]} fp32"))
+    rows.append(("fusion", "", _fmt(fusion_params), _fmt(fusion_flops), f"{100 * fusion_flops / tf:.1f}",
+                 f"{lat_fusion:.2f}", "", ""))
+    tot_flops = sum(dev_flops) + fusion_flops
+    rows.append(("DeViT fp32", str(model.num_classes), _fmt(sum(dev_params) + fusion_params), _fmt(tot_flops),
+                 f"{100 * tot_flops / tf:.1f}", f"{max(lat_dev) + lat_fusion:.2f}", f"{100 * acc_fp32:.2f}",
+                 f"{sum(bytes_fp32)}"))
+    rows.append(("DeViT int8", "", "", "", "", "", f"{100 * acc_int8:.2f}", f"{sum(bytes_int8)}"))
+    rows.append(("int8, device 0 missing", "", "", "", "", "", f"{100 * acc_missing:.2f}", ""))
+    w = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(r[c].ljust(w[c]) if c in (0, 1, 7) else r[c].rjust(w[c]) for c in range(len(r))).rstrip()
+             for r in rows]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    say("")
+    say("\n".join(lines))
+    say("")
+    say(f"DeViT latency: devices in parallel = slowest device + fusion ({max(lat_dev) + lat_fusion:.2f} ms); "
+        f"all in one process, sequentially: {lat_seq:.2f} ms; batch 1, median of {reps}, {threads} thread(s)")
+    say(f"accuracy: DeViT int8 {100 * acc_int8:.2f}% vs teacher {100 * teacher_acc:.2f}% "
+        f"({100 * (acc_int8 - teacher_acc):+.2f} points); int8 vs fp32 {100 * (acc_int8 - acc_fp32):+.2f} points; "
+        f"devices' FLOPs {100 * sum(dev_flops) / tf:.1f}% of the teacher's")
+    if collab and "error" not in collab:
+        say(f"devit_ext.collaborate(engine='local'): fp32 {100 * collab['fp32']:.2f}%, int8 {100 * collab['int8']:.2f}%")
+    elif collab:
+        say(f"devit_ext.collaborate not used ({collab['error']})")
+    say(f"time: teacher {'cached' if cached else f'{teacher_seconds:.0f} s'}, DEKD {dekd_seconds:.0f} s, "
+        f"total {total_seconds:.0f} s")
+
+    result = {
+        "dataset": "mnist5k" + (" (tiny subset)" if args.tiny else ""),
+        "num_devices": model.num_devices,
+        "class_groups": model.class_groups,
+        "teacher_acc": teacher_acc,
+        "devit_acc_fp32": acc_fp32,
+        "devit_acc_int8": acc_int8,
+        "acc_one_device_missing": acc_missing,
+        "missing_device": 0,
+        "device_local_acc": local_acc,
+        "teacher_flops": tf,
+        "device_flops": dev_flops,
+        "fusion_flops": fusion_flops,
+        "flops_fraction": sum(dev_flops) / tf,
+        "teacher_params": teacher_params,
+        "device_params": dev_params,
+        "fusion_params": fusion_params,
+        "widths": model.widths,
+        "bytes_per_image": bytes_int8,
+        "bytes_per_image_fp32": bytes_fp32,
+        "image_bytes": splits.in_chans * splits.img_size ** 2,
+        "latency_ms": {"teacher": lat_teacher, "devices": lat_dev, "fusion": lat_fusion,
+                       "devit_parallel": max(lat_dev) + lat_fusion, "devit_sequential": lat_seq},
+        "collaborate": collab,
+        "history": history,
+        "seconds": {"teacher_train": teacher_seconds, "teacher_cached": cached, "dekd": dekd_seconds,
+                    "total": total_seconds},
+        "machine": {"device": str(dev), "threads": threads, "cpu_count": os.cpu_count()},
+        "recipe": {"teacher": arch, "teacher_train": ttrain, "dekd": recipe},
+    }
+    if args.json:
+        d = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(d, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        say(f"wrote {args.json}")
+    if args.plot:
+        _plot(args.plot, result)
+        say(f"wrote {args.plot}")
+    return 0
+
+
+def _plot(path: str, r: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tf = r["teacher_flops"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([tf / 1e6], [100 * r["teacher_acc"]], marker="*", s=160, label="teacher")
+    for i, (f, a) in enumerate(zip(r["device_flops"], r["device_local_acc"])):
+        ax.scatter([f / 1e6], [100 * a], marker="o", label=f"device {i} alone (own classes)")
+    tot = (sum(r["device_flops"]) + r["fusion_flops"]) / 1e6
+    ax.scatter([tot], [100 * r["devit_acc_fp32"]], marker="s", s=80, label="DeViT ensemble, fp32 tokens")
+    ax.scatter([tot], [100 * r["devit_acc_int8"]], marker="x", s=80, label="DeViT ensemble, int8 tokens")
+    ax.scatter([tot], [100 * r["acc_one_device_missing"]], marker="v", s=60, label="DeViT, device 0 missing")
+    ax.set_xlabel("MFLOPs per image")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"MNIST-5k: teacher vs {r['num_devices']} decomposed devices")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,261 @@
+"""Local engine: every sub-model in one process (the paper's "GPU server" case).
+
+- Sender side (`stacked.SenderStack`): sub-models stacked per shape group,
+  batched matmuls, one `subvit_attention` launch per block index, then per
+  model the final LayerNorm fused with int8 quantisation
+  (`layernorm_quantize_int8`), or for transfer="fp16"/"fp32" the LayerNorm and
+  a cast.
+- Aggregator (`ensemble_fusion` per fusion branch, averaged for DeiT).
+- CUDA: bf16 by default; the sender side and the aggregator are each captured in
+  a CUDA graph per batch-size bucket (powers of two up to `max_bucket`), built
+  on first use and reused across calls; a batch is padded up to its bucket and
+  copied into the graph's static input buffer. Two graphs (not one) so stats can
+  time senders and fusion apart with events between the replays.
+- CPU: the same code through the CPU ops, fp32 by default, no graphs.
+
+Engines are cached per model (weak reference) and keyed by device, dtype,
+transfer and options; a cached engine is rebuilt when any parameter tensor was
+changed in place (its version counter moved: training, load_state_dict,
+p.copy_) or a sub-model / the fusion head was replaced. Replacing a parameter
+object deep inside a sub-model (`blk.attn.qkv.weight = nn.Parameter(...)`) is
+not detected: call `devit_ext.engines.local.clear_cache()` after that.
+"""
+from __future__ import annotations
+
+import operator
+import time
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import common
+from .stacked import SenderStack
+
+ENGINE_OPTS = ("cuda_graphs", "max_bucket")
+_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_CACHE_PER_MODEL = 4
+
+
+_VERSION = operator.attrgetter("_version")
+
+
+def _structure(model) -> tuple:
+    """Cheap identity of the model's top-level parts (a replaced sub-model or fusion head rebuilds)."""
+    return (id(model.fusion), *map(id, model.submodels))
+
+
+class LocalEngine:
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, transfer: str, *, cuda_graphs: bool = True,
+                 max_bucket: int = 256):
+        self.device, self.dtype, self.transfer = device, dtype, transfer
+        self.ops = common.ops()
+        self.num_devices = model.num_devices
+        self.widths = list(model.widths)
+        self.T = common.tokens_per_image(model)
+        self.num_classes = model.num_classes
+        self.in_chans, self.img_size = model.in_chans, tuple(model.img_size)
+        with torch.no_grad():
+            self.sender = SenderStack(list(model.submodels), device, dtype, self.ops.subvit_attention)
+            self.norms = [self.sender.final_norm(m) for m in range(self.num_devices)]
+            self.branches = [
+                tuple(
+                    None if t is None else t.detach().to(device=device, dtype=torch.float32).contiguous()
+                    for t in (mp.weight, mp.bias, cls.weight, cls.bias)
+                )
+                for mp, cls in model.fusion.branches()
+            ]
+        self.use_graphs = bool(cuda_graphs) and device.type == "cuda"
+        self.max_bucket = int(max_bucket)
+        self._graphs: dict[int, dict] = {}
+        self._pool = None
+
+    # -- the two halves --------------------------------------------------
+    def send(self, images: torch.Tensor):
+        """Sender side: normalised images -> per-model messages.
+
+        int8: (q int8 (B, T, d_m), scale fp32 (B, T)) per model; fp16/fp32: the
+        tokens (B, T, d_m) in that dtype.
+        """
+        toks = self.sender(images)
+        msgs = []
+        for m, x in enumerate(toks):
+            w, b, eps = self.norms[m]
+            x = x.contiguous()
+            if self.transfer == "int8":
+                msgs.append(self.ops.layernorm_quantize_int8(x, w, b, eps))
+            else:
+                y = F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
+                msgs.append(y.to(torch.float16) if self.transfer == "fp16" else y)
+        return msgs
+
+    def fuse(self, msgs) -> torch.Tensor:
+        """Aggregator: messages -> fp32 logits (B, C)."""
+        logits = None
+        for t, (mw, mb, cw, cb) in enumerate(self.branches):
+            if self.transfer == "int8":
+                q = torch.cat([qm[:, t] for qm, _ in msgs], dim=1)
+                s = torch.stack([sm[:, t] for _, sm in msgs], dim=1).float()
+                z = self.ops.ensemble_fusion(q, s, self.widths, mw, mb, cw, cb)
+            else:
+                h = torch.cat([y[:, t].float() for y in msgs], dim=1)
+                z = F.linear(F.linear(h, mw, mb), cw, cb)
+            logits = z if logits is None else (logits + z) / 2
+        return logits
+
+    # -- CUDA graphs -----------------------------------------------------
+    def bucket(self, b: int) -> int:
+        k = 1
+        while k < b:
+            k *= 2
+        return min(k, self.max_bucket) if b <= self.max_bucket else b
+
+    def _graph(self, bucket: int) -> dict:
+        g = self._graphs.get(bucket)
+        if g is not None:
+            return g
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        static_in = torch.zeros(bucket, self.in_chans, *self.img_size, device=self.device, dtype=self.dtype)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: lazy inits, op metadata tables, cuBLAS workspaces
+            for _ in range(2):
+                self.fuse(self.send(static_in))
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        g_send, g_fuse = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g_send, pool=self._pool):
+            msgs = self.send(static_in)
+        with torch.cuda.graph(g_fuse, pool=self._pool):
+            logits = self.fuse(msgs)
+        g = {"in": static_in, "send": g_send, "fuse": g_fuse, "msgs": msgs, "logits": logits}
+        self._graphs[bucket] = g
+        return g
+
+    # -- one micro-batch -------------------------------------------------
+    def run_chunk(self, model, raw: torch.Tensor, timing: dict | None) -> torch.Tensor:
+        b = raw.shape[0]
+        cuda = self.device.type == "cuda"
+        if self.use_graphs and b <= self.max_bucket:
+            g = self._graph(self.bucket(b))
+            common.normalise_images(model, raw, device=self.device, out=g["in"][:b])
+            if b < g["in"].shape[0]:
+                g["in"][b:].zero_()
+            if timing is not None:
+                e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+                e0.record()
+                g["send"].replay()
+                e1.record()
+                g["fuse"].replay()
+                e2.record()
+                timing["events"].append((e0, e1, e2))
+            else:
+                g["send"].replay()
+                g["fuse"].replay()
+            return g["logits"][:b].clone()
+        x = common.normalise_images(model, raw, dtype=self.dtype, device=self.device)
+        if timing is None:
+            return self.fuse(self.send(x))
+        if cuda:
+            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            e0.record()
+            msgs = self.send(x)
+            e1.record()
+            out = self.fuse(msgs)
+            e2.record()
+            timing["events"].append((e0, e1, e2))
+            return out
+        t0 = time.perf_counter()
+        msgs = self.send(x)
+        t1 = time.perf_counter()
+        out = self.fuse(msgs)
+        t2 = time.perf_counter()
+        timing["compute_s"] += t1 - t0
+        timing["fusion_s"] += t2 - t1
+        return out
+
+
+def get_engine(model, device: torch.device, dtype: torch.dtype, transfer: str, opts: dict) -> LocalEngine:
+    unknown = sorted(set(opts) - set(ENGINE_OPTS))
+    if unknown:
+        raise TypeError(f"collaborate: unknown option(s) {unknown} for engine='local' (accepted: {list(ENGINE_OPTS)})")
+    mb = opts.get("max_bucket", 256)
+    if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
+        raise ValueError(f"max_bucket: expected a positive int, got {mb!r}")
+    key = (str(device), dtype, transfer, bool(opts.get("cuda_graphs", True)), mb)
+    per_model = _CACHE.setdefault(model, {})
+    entry = per_model.get(key)
+    # valid while the same parameter tensors are unmodified: every in-place change (optimizer
+    # step, load_state_dict, p.copy_) bumps a tensor's version counter
+    if entry is not None and (entry["structure"] != _structure(model)
+                              or list(map(_VERSION, entry["params"])) != entry["versions"]):
+        entry = None
+    if entry is None:
+        params = list(model.parameters())
+        eng = LocalEngine(model, device, dtype, transfer, cuda_graphs=key[3], max_bucket=mb)
+        entry = {"engine": eng, "params": params, "versions": list(map(_VERSION, params)),
+                 "structure": _structure(model)}
+        per_model.pop(key, None)
+        if len(per_model) >= _CACHE_PER_MODEL:
+            per_model.pop(next(iter(per_model)))
+        per_model[key] = entry
+    return entry["engine"]
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int | None = None, timeout: float = 30.0,
+        degrade: bool = False, device=None, dtype=None, return_stats: bool = True, **opts):
+    """Validated raw images -> (logits float32 (B, C) on the images' device, Stats or None)."""
+    dev = common.resolve_device(model, images, device)
+    dt = common.resolve_dtype(dtype, dev)
+    t_start = time.perf_counter()
+    eng = get_engine(model, dev, dt, transfer, opts)
+    timing = {"compute_s": 0.0, "fusion_s": 0.0, "events": []} if return_stats else None
+    chunks = common.micro_batches(images.shape[0], batch_size)
+    if eng.use_graphs and batch_size is None and images.shape[0] > eng.max_bucket:
+        chunks = common.micro_batches(images.shape[0], eng.max_bucket)
+    with torch.inference_mode():
+        outs = [eng.run_chunk(model, images[s:e], timing) for s, e in chunks]
+        logits = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    latency = time.perf_counter() - t_start
+    logits = logits.to(images.device)
+    if not return_stats:
+        return logits, None
+    if timing["events"]:
+        timing["compute_s"] = sum(a.elapsed_time(b) for a, b, _ in timing["events"]) / 1e3
+        timing["fusion_s"] = sum(b.elapsed_time(c) for _, b, c in timing["events"]) / 1e3
+    used = ("layernorm_quantize_int8", "subvit_attention", "ensemble_fusion") if transfer == "int8" else ("subvit_attention",)
+    stats = common.Stats(
+        engine="local",
+        device=str(dev),
+        dtype=str(dt).replace("torch.", ""),
+        transfer=transfer,
+        num_images=int(images.shape[0]),
+        num_devices=model.num_devices,
+        micro_batches=len(chunks),
+        compute_s=timing["compute_s"],
+        device_compute_s=[None] * model.num_devices,
+        transfer_bytes_per_image=[common.message_bytes(w, transfer, eng.T) for w in eng.widths],
+        transfer_s=[None] * model.num_devices,
+        fusion_s=timing["fusion_s"],
+        op_paths=common.op_paths(dev, used),
+        notes=[
+            "all sub-models ran fused in one process: per-device compute time is not separable "
+            "(compute_s is all devices together); nothing crossed a wire (transfer_s None)",
+            f"{len(eng.sender.groups)} stacked shape group(s): {[g.indices for g in eng.sender.groups]}",
+        ],
+        extra={
+            "cuda_graphs": eng.use_graphs,
+            "buckets": sorted(eng._graphs),
+            "homogeneous": eng.sender.homogeneous,
+        },
+    )
+    if degrade:
+        stats.notes.append("degrade=True has no effect locally: every device is in this process")
+    return logits, stats.finish(latency)

@@ -1,0 +1,249 @@
+"""One edge device of a distributed run: `devit-ext worker` (or `python -m devit_ext.engines.worker`).
+
+    devit-ext worker --rank R --world-size W --init-method tcp://HOST:PORT --model PATH [--device cpu|cuda] [--timeout S]
+
+Rank 0 is the aggregator (the process calling `collaborate(..., engine="distributed")`);
+rank R >= 1 runs device R - 1's sub-model of the saved DeViT at PATH. Under
+torchrun leave out --rank/--world-size/--init-method: RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT are read from the environment.
+
+The worker joins the group (within --timeout), sends a hello (its model's
+content hash, device index, token count and width), then per micro-batch
+receives the images, runs its sub-model, fuses the final LayerNorm with int8
+quantisation (`layernorm_quantize_int8`; a LayerNorm and a cast for fp16/fp32)
+and returns one `devit_ext.wire` message. It sends batch k while it already
+waits for batch k + 1. It exits 0 on the aggregator's shutdown message, 3 when
+the aggregator refuses it (another model), 1 when the aggregator goes away,
+2 on a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+EXIT_OK, EXIT_LOST, EXIT_USAGE, EXIT_REFUSED, EXIT_ORPHAN = 0, 1, 2, 3, 4
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rank", type=int, default=None, help="this worker's rank, >= 1 (device rank - 1); default: $RANK")
+    p.add_argument("--world-size", type=int, default=None, help="devices + 1; default: $WORLD_SIZE")
+    p.add_argument("--init-method", default=None,
+                   help="tcp://HOST:PORT of the aggregator (rank 0), or env:// (default: env:// under torchrun)")
+    p.add_argument("--model", required=True, help="directory of a saved DeViT (DeViT.save / devit_ext.load)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds for the rendezvous and for each transfer (default 60); between batches a worker waits indefinitely")
+    p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"), help="torch.distributed backend (default gloo)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # spawned: exit with the aggregator
+
+
+def _say(prefix: str, text: str) -> None:
+    print(f"devit-ext worker{prefix}: {text}", file=sys.stderr, flush=True)
+
+
+def _watch_parent(pid: int) -> None:
+    def loop():
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(EXIT_ORPHAN)
+            except PermissionError:
+                pass
+            if os.getppid() == 1:
+                os._exit(EXIT_ORPHAN)
+
+    threading.Thread(target=loop, name="devit-parent-watch", daemon=True).start()
+
+
+def run(args) -> int:
+    rank = args.rank if args.rank is not None else _env_int("RANK")
+    world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE")
+    init = args.init_method or ("env://" if "MASTER_ADDR" in os.environ else None)
+    if rank is None or world is None or init is None:
+        _say("", "give --rank, --world-size and --init-method (or run under torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
+        return EXIT_USAGE
+    prefix = f" (rank {rank}, device {rank - 1})"
+    if not (1 <= rank < world):
+        _say(prefix, f"rank must be in 1..{world - 1} (rank 0 is the aggregator), got {rank}")
+        return EXIT_USAGE
+    if args.timeout is None or not args.timeout > 0:
+        _say(prefix, f"--timeout must be positive, got {args.timeout}")
+        return EXIT_USAGE
+    if args.parent_pid:
+        _watch_parent(args.parent_pid)
+
+    import torch
+
+    from . import _proto
+
+    if args.threads:
+        torch.set_num_threads(max(1, int(args.threads)))
+    try:
+        host, port, agent_store = _proto.parse_init_method(init)
+    except ValueError as e:
+        _say(prefix, str(e))
+        return EXIT_USAGE
+    try:
+        w = _Worker(args.model, rank, world, args.device, args.timeout)
+    except Exception as e:  # noqa: BLE001 - a worker reports and exits
+        _say(prefix, f"cannot start: {type(e).__name__}: {e}")
+        return EXIT_USAGE
+    try:
+        w.warm_up()  # imports the ops and runs one image, so the first batch is not slower than the timeout allows
+    except Exception as e:  # noqa: BLE001
+        _say(prefix, f"cannot run its sub-model: {type(e).__name__}: {e}")
+        return EXIT_USAGE
+    try:
+        _, store = _proto.make_store(host, port, world, False, args.timeout)
+        store.set(f"joined/{rank}", str(os.getpid()))
+        pg = _proto.make_group(store, rank, world, args.timeout, args.backend, host)
+    except Exception as e:  # noqa: BLE001
+        _say(prefix, f"rendezvous at {init} failed within {args.timeout:g} s: {type(e).__name__}: {e}")
+        return EXIT_LOST
+    code = w.serve(pg, args.backend, prefix)
+    if args.parent_pid:
+        # spawned by an aggregator: skip the interpreter teardown (seconds with a live Gloo group), which
+        # only delays the aggregator's shutdown; nothing is left to flush but stdio
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else None
+
+
+class _Worker:
+    def __init__(self, path: str, rank: int, world: int, device: str, timeout: float):
+        import torch
+
+        from ..model import load
+
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU here")
+        model = load(path, map_location=self.device)
+        if model.num_devices != world - 1:
+            raise ValueError(
+                f"the model at {path} has {model.num_devices} devices, so the world size must be {model.num_devices + 1}, got {world}"
+            )
+        self.model = model.eval()
+        self.index = rank - 1
+        self.sub = model.submodels[self.index]
+        self.hash = model.content_hash()
+        self.tokens = 2 if model.distilled else 1
+        self.width = self.sub.embed_dim
+        self.timeout = float(timeout)
+        self._cast: dict = {}
+
+    def _sub(self, dtype):
+        import torch
+
+        if dtype == torch.float32:
+            return self.sub
+        if dtype not in self._cast:
+            import copy
+
+            self._cast[dtype] = copy.deepcopy(self.sub).to(dtype)
+        return self._cast[dtype]
+
+    def warm_up(self):
+        import torch
+
+        c, (h, w) = self.model.in_chans, self.model.img_size
+        x = torch.zeros(1, c, h, w, dtype=torch.uint8, device=self.device)
+        for transfer in ("int8", "fp32"):
+            self.compute(x, transfer, torch.float32, 0)
+
+    def compute(self, images, transfer: str, dtype, batch_id: int):
+        """Raw images -> wire message (uint8 tensor), and the compute seconds."""
+        import torch
+        import torch.nn.functional as F
+
+        from .. import wire
+        from . import common
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            x = common.normalise_images(self.model, images, dtype=dtype, device=self.device)
+            f = self._sub(dtype).forward_features(x, final_norm=False)[:, : self.tokens]  # (B, T, d) pre-norm
+            B, T, d = f.shape
+            norm = self.sub.norm
+            if transfer == "int8":
+                q, s = common.ops().layernorm_quantize_int8(f.reshape(B * T, d), norm.weight, norm.bias, norm.eps)
+                q, s = q.reshape(B, T, d), s.reshape(B, T)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                return wire.encode(self.hash, self.index, batch_id, q=q, scales=s, compute_s=dt), dt
+            y = F.layer_norm(f.float(), (d,), norm.weight.float(), norm.bias.float(), norm.eps)
+            y = y.to(torch.float16 if transfer == "fp16" else torch.float32)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            return wire.encode(self.hash, self.index, batch_id, tokens=y, compute_s=dt), dt
+
+    def serve(self, pg, backend: str, prefix: str) -> int:
+        import torch
+
+        from .. import wire
+        from . import _proto
+
+        comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        tmo = _proto.td(self.timeout)
+        pending = None
+        try:
+            pg.send([wire.encode_hello(self.hash, self.index, self.tokens, self.width).to(comm)], 0, _proto.TAG_HELLO).wait(tmo)
+            while True:
+                c = torch.zeros(_proto.CTRL_LEN, dtype=torch.int64, device=comm)
+                pg.recv([c], 0, _proto.TAG_CTRL).wait(_proto.IDLE)
+                c = c.cpu().tolist()
+                if c[0] != _proto.CTRL_MAGIC:
+                    _say(prefix, f"malformed control message from the aggregator (magic {c[0]:#x}); exiting")
+                    return EXIT_LOST
+                kind, bid, shape = c[1], c[2], tuple(c[3:7])
+                if kind == _proto.CTRL_SHUTDOWN:
+                    if pending is not None:
+                        pending.wait(tmo)
+                    return EXIT_OK
+                if kind == _proto.CTRL_REFUSE:
+                    _say(prefix, f"the aggregator refused this worker: its model (content hash {self.hash[:16]}) "
+                                 "is not the aggregator's; start it with the same saved model")
+                    return EXIT_REFUSED
+                if kind != _proto.CTRL_BATCH or c[7] not in _proto.IMAGE_DTYPES or c[8] not in wire.TRANSFER_NAMES \
+                        or c[9] not in _proto.COMPUTE_DTYPES or min(shape) < 1:
+                    _say(prefix, f"malformed control message from the aggregator: {c}; exiting")
+                    return EXIT_LOST
+                images = torch.empty(shape, dtype=_proto.IMAGE_DTYPES[c[7]], device=comm)
+                pg.recv([images], 0, _proto.TAG_IMAGES).wait(tmo)
+                msg, _ = self.compute(images, wire.TRANSFER_NAMES[c[8]], _proto.COMPUTE_DTYPES[c[9]], bid)
+                if pending is not None:
+                    pending.wait(tmo)  # batch k-1 has left before batch k goes out
+                out = msg.to(comm)
+                pending = pg.send([out], 0, _proto.TAG_TOKENS)
+                pending_buf = out  # noqa: F841 - keep the buffer alive until the send completes
+        except RuntimeError as e:
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            _say(prefix, f"lost the aggregator ({text}); exiting")
+            return EXIT_LOST
+        except Exception as e:  # noqa: BLE001
+            _say(prefix, f"failed: {type(e).__name__}: {e}")
+            return EXIT_LOST
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m devit_ext.engines.worker", description="one edge device of a distributed DeViT run")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""ensemble_fusion: the aggregator's head in one kernel.
+
+    logits (B, C) fp32 = (dequant(q) @ W1^T + b1) @ W2^T + b2
+
+q int8 (B, K = sum widths) holds the M device tokens side by side, scales fp32
+(B, M) one per (image, device), W1 = map_weight (T, K), W2 = cls_weight (C, T).
+
+Dequantisation in the GEMM prologue, exactly: the K loop walks tiles that never
+straddle two devices (a small int table [k0, k_end, device] per tile, cached on
+the device), so inside a tile the scale is one value per row and
+
+    x_tile @ W1_tile = scale[:, m] * (q_tile @ W1_tile)
+
+with q converted to the weight dtype exactly (|q| <= 127 fits fp16/bf16) and fp32
+accumulation: no rounding of the dequantised token at all.
+
+Program (b-block, t-split, c-block): for each BLOCK_T tile of d_T in its split,
+h_tile (BLOCK_B, BLOCK_T) = sum over K tiles, + b1, stays in registers and is
+immediately multiplied into the logits partial (BLOCK_B, BLOCK_C) += h_tile @
+W2[c, t]^T, so h never leaves the chip. With one t-split the program stores its
+logits (plain store, deterministic); with several (to fill the SMs at small
+batch) the partials are atomically added into a zeroed output (fp32 atomics:
+summation order, hence the last bits, can differ run to run). When C > BLOCK_C
+(128) the c-blocks each recompute their h tiles: right for the paper's heads
+(C = 100 or fewer classes per branch), a cost for 1000-class heads.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+from ._validate import check_fusion
+
+
+@triton.jit
+def _ensemble_fusion_fwd(
+    q_ptr, sc_ptr, tiles_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
+    B, T, C, NK,  # images, d_T, classes, number of K tiles
+    s_qb, s_sb, s_sm, s_w1t, s_w2c, s_ob,  # row strides (columns are contiguous) and scales' strides
+    T_PER_SPLIT,  # d_T columns per t-split (a multiple of BLOCK_T)
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    ALIGN_K: tl.constexpr,  # every tile start k0 is a multiple of ALIGN_K
+    DOT_PREC: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_c = tl.program_id(2)
+
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,) images
+    r_mask = rows < B
+    cls = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) classes
+    c_mask = cls < C
+    rows64 = rows.to(tl.int64)
+
+    logits = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+    t_lo = pid_t * T_PER_SPLIT
+    t_hi = tl.minimum(t_lo + T_PER_SPLIT, T)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        tt = t0 + tl.arange(0, BLOCK_T)  # (BLOCK_T,) columns of h
+        t_mask = tt < T
+        h = tl.zeros((BLOCK_B, BLOCK_T), tl.float32)
+        for i in range(0, NK):
+            k0 = tl.load(tiles_ptr + 3 * i)  # tile start
+            k_end = tl.load(tiles_ptr + 3 * i + 1)  # end of this device's columns
+            dev = tl.load(tiles_ptr + 3 * i + 2)  # device of this tile
+            if ALIGN_K > 1:
+                k0 = tl.multiple_of(k0, ALIGN_K)
+            kk = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+            k_mask = kk < k_end
+            # int8 token tile (BLOCK_B, BLOCK_K)
+            qt = tl.load(q_ptr + rows64[:, None] * s_qb + kk[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0)
+            # W1^T tile (BLOCK_K, BLOCK_T)
+            w1 = tl.load(w1_ptr + tt[None, :] * s_w1t + kk[:, None], mask=k_mask[:, None] & t_mask[None, :], other=0.0)
+            part = tl.dot(qt.to(w1.dtype), w1, input_precision=DOT_PREC)  # exact q, fp32 accumulate
+            sc = tl.load(sc_ptr + rows64 * s_sb + dev * s_sm, mask=r_mask, other=0.0)  # (BLOCK_B,) fp32
+            h += part * sc[:, None]
+        if HAS_B1:
+            h += tl.load(b1_ptr + tt, mask=t_mask, other=0.0).to(tl.float32)[None, :]
+        # W2^T tile (BLOCK_T, BLOCK_C)
+        w2 = tl.load(w2_ptr + cls[None, :] * s_w2c + tt[:, None], mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+        logits += tl.dot(h.to(w2.dtype), w2, input_precision=DOT_PREC)
+
+    if HAS_B2:
+        b2 = tl.load(b2_ptr + cls, mask=c_mask & (pid_t == 0), other=0.0).to(tl.float32)
+        logits += b2[None, :]
+    o_ptrs = out_ptr + rows64[:, None] * s_ob + cls[None, :]
+    o_mask = r_mask[:, None] & c_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(o_ptrs, logits, mask=o_mask)
+    else:
+        tl.store(o_ptrs, logits, mask=o_mask)
+
+
+def k_tiles(widths, block_k: int) -> list[list[int]]:
+    """[k0, k_end, device] for every K tile; no tile straddles two devices."""
+    rows, start = [], 0
+    for m, w in enumerate(widths):
+        for k0 in range(start, start + w, block_k):
+            rows.append([k0, start + w, m])
+        start += w
+    return rows
+
+
+def _config(B, T, C, device, block_b, block_t, block_k, t_splits):
+    if device.type == "cpu":  # interpreter: small tiles, cheap in numpy
+        bb, bt, bk = block_b or 16, block_t or 16, block_k or 16
+    else:
+        bb = block_b or (16 if B <= 16 else 32 if B <= 512 else 64)
+        bt = block_t or 64
+        bk = block_k or 64
+    bc = max(16, min(128, _launch.next_pow2(C)))
+    b_blocks, c_blocks, t_tiles = _launch.cdiv(B, bb), _launch.cdiv(C, bc), _launch.cdiv(T, bt)
+    if t_splits is None:
+        # enough programs for about one wave of the SMs; a single split when the batch alone fills them
+        t_splits = max(1, min(t_tiles, _launch.sm_count(device) // max(1, b_blocks * c_blocks)))
+        if device.type == "cpu":
+            t_splits = min(t_splits, 2)
+    t_splits = max(1, min(int(t_splits), t_tiles))
+    t_per_split = _launch.cdiv(t_tiles, t_splits) * bt
+    t_splits = _launch.cdiv(T, t_per_split)
+    return bb, bt, bk, bc, b_blocks, c_blocks, t_splits, t_per_split
+
+
+def ensemble_fusion(
+    q, scales, widths, map_weight, map_bias, cls_weight, cls_bias,
+    *, out=None, block_b=None, block_t=None, block_k=None, t_splits=None, num_warps=None, num_stages=None,
+):
+    """Triton launcher. Arguments as devit_ext.ops.ensemble_fusion; returns logits fp32 (B, C) (into `out`
+    if given: fp32 (B, C), contiguous last dim). t_splits=1 gives a deterministic single-pass result."""
+    shp = check_fusion(q, scales, widths, map_weight, map_bias, cls_weight, cls_bias)
+    _launch.check_launchable("ensemble_fusion", q.device)
+    B, T, C = shp.B, shp.T, shp.C
+    if out is None:
+        out = torch.empty((B, C), dtype=torch.float32, device=q.device)
+    elif (
+        not isinstance(out, torch.Tensor) or tuple(out.shape) != (B, C) or out.dtype != torch.float32
+        or out.device != q.device or out.stride(-1) != 1
+    ):
+        raise ValueError(f"out: expected a float32 tensor ({B}, {C}) on {q.device} with a contiguous last dimension")
+    if B == 0:
+        return out
+    # columns must be contiguous (no-ops for nn.Linear weights and a packed token buffer)
+    q = q if q.stride(1) == 1 else q.contiguous()
+    w1 = map_weight if map_weight.stride(1) == 1 else map_weight.contiguous()
+    w2 = cls_weight if cls_weight.stride(1) == 1 else cls_weight.contiguous()
+    b1 = None if map_bias is None else map_bias.contiguous()
+    b2 = None if cls_bias is None else cls_bias.contiguous()
+
+    bb, bt, bk, bc, b_blocks, c_blocks, splits, t_per_split = _config(
+        B, T, C, q.device, block_b, block_t, block_k, t_splits
+    )
+    tiles = k_tiles(shp.widths, bk)
+    table = _launch.device_table(tiles, q.device)
+    align_k = _launch.align_elems(1, [r[0] for r in tiles])
+    atomic = splits > 1
+    if atomic:
+        out.zero_()
+    if q.device.type == "cpu":
+        nw, ns = num_warps or 4, num_stages or 1
+    else:
+        nw, ns = num_warps or 4, num_stages or 3
+    _ensemble_fusion_fwd[(b_blocks, splits, c_blocks)](
+        q, scales, table, w1, w1 if b1 is None else b1, w2, w2 if b2 is None else b2, out,
+        B, T, C, len(tiles),
+        q.stride(0), scales.stride(0), scales.stride(1), w1.stride(0), w2.stride(0), out.stride(0),
+        t_per_split,
+        HAS_B1=b1 is not None, HAS_B2=b2 is not None, ATOMIC=atomic,
+        BLOCK_B=bb, BLOCK_K=bk, BLOCK_T=bt, BLOCK_C=bc, ALIGN_K=align_k,
+        DOT_PREC=_launch.dot_precision(w1.dtype),
+        num_warps=nw, num_stages=ns,
+    )
+    return out
+
+
+def flops(B: int, K: int, T: int, C: int) -> int:
+    return 2 * B * K * T + 2 * B * T * C
+
+
+def bytes_moved(B: int, K: int, T: int, C: int, M: int, weight_size: int) -> int:
+    """Compulsory traffic: q (int8), scales, both weights and biases once, logits out (fp32)."""
+    return B * K + 4 * B * M + weight_size * (T * K + T + C * T + C) + 4 * B * C
+
+
+__all__ = ["ensemble_fusion", "k_tiles", "flops", "bytes_moved"]
