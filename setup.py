@@ -6,6 +6,7 @@ Environment switches (see docs/building.md):
   MAX_JOBS=N              parallel build jobs (default: all CPUs)
   DEVIT_DEBUG=1           Debug build of the native module
 """
+import hashlib
 import os
 import re
 import shutil
@@ -67,7 +68,12 @@ class CMakeBuild(build_ext):
             return super().build_extension(ext)
         extdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         cfg = "Debug" if (self.debug or os.environ.get("DEVIT_DEBUG", "0") not in ("", "0")) else "Release"
-        build_temp = Path(self.build_temp).resolve() / ext.name
+        cuda_mode = os.environ.get("DEVIT_CUDA", "auto") or "auto"
+        archs = os.environ.get("DEVIT_CUDA_ARCHS") or "80;87;89;90"
+        # One CMake tree per interpreter and switch setting: incremental rebuilds,
+        # and no stale cache from another virtual environment or DEVIT_CUDA value.
+        key = hashlib.sha1(f"{sys.executable}|{cuda_mode}|{archs}|{cfg}".encode()).hexdigest()[:10]
+        build_temp = Path(self.build_temp).resolve() / f"{ext.name}-{key}"
         build_temp.mkdir(parents=True, exist_ok=True)
 
         args = [
@@ -77,12 +83,9 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={_pybind11_cmakedir()}",
             f"-DDEVIT_VERSION={_version()}",
-            f"-DDEVIT_CUDA={os.environ.get('DEVIT_CUDA', 'auto') or 'auto'}",
+            f"-DDEVIT_CUDA={cuda_mode}",
+            f"-DDEVIT_CUDA_ARCHS={archs}",
         ]
-        if os.environ.get("DEVIT_CUDA_ARCHS"):
-            args.append(f"-DDEVIT_CUDA_ARCHS={os.environ['DEVIT_CUDA_ARCHS']}")
-        else:
-            args.append("-DDEVIT_CUDA_ARCHS=80;87;89;90")
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         args.append(f"-DDEVIT_NVCC_THREADS={jobs}")
         ninja = _ninja()

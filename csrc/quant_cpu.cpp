@@ -25,6 +25,10 @@
 #define DEVIT_CLONES
 #endif
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "quant_cpu.cpp assumes a little-endian CPU (int8 from the low byte of an fp32)"
+#endif
+
 namespace devit {
 namespace {
 
@@ -34,8 +38,17 @@ constexpr int64_t kSerialElems = 32768;      // below this many elements one thr
 
 typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
-typedef int8_t vc __attribute__((vector_size(8)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+typedef int64_t vl __attribute__((vector_size(32)));
+typedef int8_t vb __attribute__((vector_size(32)));
 constexpr int kL = 8;
+constexpr vb kLowBytes = {0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0,
+                          0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+// index >= 32 selects from the second (zero) operand of __builtin_shuffle
+constexpr vb kTopBytes = {32, 32, 32, 0, 32, 32, 32, 1, 32, 32, 32, 2, 32, 32, 32, 3,
+                          32, 32, 32, 4, 32, 32, 32, 5, 32, 32, 32, 6, 32, 32, 32, 7};
+constexpr vb kLow2Bytes = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29,
+                           0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 
 static inline __attribute__((always_inline)) vf vload(const float* p) {
   vf v;
@@ -88,9 +101,11 @@ DEVIT_CLONES void row_quantize(const float* v, int64_t n, float s, int8_t* q) {
     vf t = vload(v + i) / vs;
     t = t < lo ? lo : t;
     t = t > hi ? hi : t;
-    t = (t + mg) - mg;
-    vc c = __builtin_convertvector(__builtin_convertvector(t, vi), vc);
-    std::memcpy(q + i, &c, sizeof c);
+    // t + 1.5 * 2^23 has the bits 0x4B400000 + k for the rounded integer k in
+    // [-127, 127]: its low byte is k as int8. Gather the 8 low bytes.
+    vb bytes = (vb)(t + mg);
+    vb packed = __builtin_shuffle(bytes, kLowBytes);
+    std::memcpy(q + i, &packed, kL);
   }
   for (; i < n; ++i) q[i] = static_cast<int8_t>(static_cast<int>(round_q(v[i], s)));
 }
@@ -147,8 +162,68 @@ DEVIT_CLONES float row_layernorm(const float* v, int64_t n, const float* w, cons
   return amax;
 }
 
-DEVIT_CLONES void row_dequantize_f32(const int8_t* q, int64_t n, float s, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(q[i]) * s;
+// Vector twins of f32_to_bf16 / f32_to_fp16 (dtype.h), 8 lanes, result in the low
+// 16 bits of each 32-bit lane.
+static inline __attribute__((always_inline)) vu vbf16_bits(vf f) {
+  const vu u = (vu)f;
+  const vu nan = (u & 0x7fffffffu) > 0x7f800000u;
+  const vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return nan ? (vu){0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0, 0x7fc0} : r;
+}
+
+static inline __attribute__((always_inline)) vu vfp16_bits(vf f) {
+  const vf scale_to_inf = vsplat(f32_from_bits(0x77800000u));
+  const vf scale_to_zero = vsplat(f32_from_bits(0x08800000u));
+  vf base = (vabs(f) * scale_to_inf) * scale_to_zero;
+  const vu w = (vu)f;
+  const vu shl1_w = w + w;
+  const vu sign = w & 0x80000000u;
+  vu bias = shl1_w & 0xFF000000u;
+  const vu min_bias = bias * 0u + 0x71000000u;
+  bias = bias < min_bias ? min_bias : bias;
+  base = (vf)((bias >> 1) + 0x07800000u) + base;
+  const vu bits = (vu)base;
+  const vu nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  const vu nan = shl1_w > 0xFF000000u;
+  return (sign >> 16) | (nan ? (vu){0x7E00, 0x7E00, 0x7E00, 0x7E00, 0x7E00, 0x7E00, 0x7E00, 0x7E00} : nonsign);
+}
+
+static inline __attribute__((always_inline)) void vstore_u16(uint16_t* p, vu bits) {
+  const vb packed = __builtin_shuffle((vb)bits, kLow2Bytes);
+  std::memcpy(p, &packed, 2 * kL);
+}
+
+// 8 int8 -> 8 fp32: byte k goes to the top byte of lane k (zeros below), then an
+// arithmetic shift sign-extends it (GCC scalarises a direct int8 -> int32 convert).
+static inline __attribute__((always_inline)) vf vwiden(const int8_t* p) {
+  int64_t bits;
+  std::memcpy(&bits, p, sizeof bits);  // one 8-byte load into a register (no store-forwarding stall)
+  const vb b = (vb)vl{bits, 0, 0, 0};
+  const vb top = __builtin_shuffle(b, vb{}, kTopBytes);
+  return __builtin_convertvector((vi)top >> 24, vf);
+}
+
+// out[i] = q[i] * s in fp32, stored as out_dtype (round to nearest even).
+DEVIT_CLONES void row_dequantize(const int8_t* q, int64_t n, float s, void* out, int out_dtype) {
+  const vf vs = vsplat(s);
+  int64_t i = 0;
+  if (out_dtype == kFloat32) {
+    float* o = static_cast<float*>(out);
+    for (; i + kL <= n; i += kL) vstore(o + i, vwiden(q + i) * vs);
+    for (; i < n; ++i) o[i] = static_cast<float>(q[i]) * s;
+  } else {
+    uint16_t* o = static_cast<uint16_t*>(out);
+    const bool half = out_dtype == kFloat16;
+    if (half) {
+      for (; i + kL <= n; i += kL) vstore_u16(o + i, vfp16_bits(vwiden(q + i) * vs));
+    } else {
+      for (; i + kL <= n; i += kL) vstore_u16(o + i, vbf16_bits(vwiden(q + i) * vs));
+    }
+    for (; i < n; ++i) {
+      const float v = static_cast<float>(q[i]) * s;
+      o[i] = half ? f32_to_fp16(v) : f32_to_bf16(v);
+    }
+  }
 }
 
 // Row r of a (rows, cols) view with element strides, as fp32. Returns a pointer
@@ -234,7 +309,7 @@ void dequantize_int8_cpu(const int8_t* q, int64_t rows, int64_t cols, int64_t rs
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     std::vector<int8_t> qbuf(cs == 1 ? 0 : static_cast<size_t>(cols));
-    std::vector<float> fbuf(out_dtype == kFloat32 ? 0 : static_cast<size_t>(cols));
+    const int64_t osize = dtype_size(out_dtype);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int8_t* qr = q + r * rs;
@@ -242,18 +317,7 @@ void dequantize_int8_cpu(const int8_t* q, int64_t rows, int64_t cols, int64_t rs
         for (int64_t i = 0; i < cols; ++i) qbuf[i] = qr[i * cs];
         qr = qbuf.data();
       }
-      const float s = scale[r * ss];
-      if (out_dtype == kFloat32) {
-        row_dequantize_f32(qr, cols, s, static_cast<float*>(out) + r * cols);
-      } else {
-        row_dequantize_f32(qr, cols, s, fbuf.data());
-        uint16_t* o = static_cast<uint16_t*>(out) + r * cols;
-        if (out_dtype == kFloat16) {
-          for (int64_t i = 0; i < cols; ++i) o[i] = f32_to_fp16(fbuf[i]);
-        } else {
-          for (int64_t i = 0; i < cols; ++i) o[i] = f32_to_bf16(fbuf[i]);
-        }
-      }
+      row_dequantize(qr, cols, scale[r * ss], static_cast<char*>(out) + r * cols * osize, out_dtype);
     }
   }
 }

@@ -19,7 +19,7 @@ _LAZY = {
     "ops": ("devit_ext.ops", None),
     "DeViT": ("devit_ext.model", "DeViT"),
     "load": ("devit_ext.model", "load"),
-    "decompose": ("devit_ext.decompose", "decompose"),
+    "decompose": ("devit_ext.decomposition", "decompose"),
     "train_dekd": ("devit_ext.dekd", "train_dekd"),
     "train_teacher": ("devit_ext.dekd", "train_teacher"),
     "collaborate": ("devit_ext.engines", "collaborate"),

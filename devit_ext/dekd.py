@@ -435,7 +435,9 @@ def train_dekd(
 
     With `out_dir`, a checkpoint is written after every epoch and the final
     model is saved to `out_dir/model` (`devit_ext.load`). `resume=True`
-    continues from the checkpoint exactly (same settings required).
+    continues from the checkpoint exactly (same settings and class groups
+    required; without a checkpoint it starts from the beginning). `callback(stage,
+    epoch, record)` runs after each epoch's checkpoint.
 
     Returns {"distill": [per-epoch dict], "ensemble": [...], "best": {stage:
     {"epoch", "val_acc"}}, "settings": {...}}.

@@ -23,7 +23,7 @@ import time
 # The recipe (tuned on 2 CPU cores; see docs/demo-results.md).
 TEACHER = dict(embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, patch_size=7)
 TEACHER_TRAIN = dict(epochs=30, batch_size=128, lr=2e-3, shift=2)
-DEKD = dict(epochs={"distill": 8, "ensemble": 8}, lr={"distill": 2e-3, "ensemble": 1e-3}, batch_size=64,
+DEKD = dict(epochs={"distill": 6, "ensemble": 12}, lr={"distill": 2e-3, "ensemble": 2e-3}, batch_size=64,
             device_dropout=0.1, shift=1)
 TINY_TEACHER = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=7)
 TINY_TEACHER_TRAIN = dict(epochs=1, batch_size=32, lr=2e-3, shift=2)
@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default=None, help="DEKD checkpoints and the trained DeViT (devit_ext.load)")
     p.add_argument("--epochs", type=int, default=None, help="teacher epochs (default 30; --tiny: 1)")
     p.add_argument("--dekd-epochs", type=int, nargs=2, metavar=("DISTILL", "ENSEMBLE"), default=None,
-                   help="DEKD epochs per stage (default 8 8; --tiny: 1 1)")
+                   help="DEKD epochs per stage (default 6 12; --tiny: 1 1)")
     p.add_argument("--device-dropout", type=float, default=None,
                    help="probability of zeroing one random device's tokens per sample in stage 'ensemble' (0.1)")
     p.add_argument("--tiny", action="store_true",
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         print("devit-ext demo: needs torch", file=sys.stderr)
         return 1
     from . import data as D
-    from .decompose import decompose
+    from .decomposition import decompose
     from .dekd import evaluate, train_dekd
     from .train_teacher import accuracy, load_teacher, save_teacher, train_teacher
     from . import _trainutil as U

@@ -374,7 +374,7 @@ class DeViT(nn.Module):
 
     def summary(self) -> str:
         """Text table: each device's classes, shape, parameters and FLOPs (`decompose.summary_table`)."""
-        from .decompose import summary_table
+        from .decomposition import summary_table
 
         return summary_table(self)
 

@@ -96,7 +96,7 @@ def _int8_oracle(model, images):
 @pytest.mark.parametrize("name", ["vit-homo", "vit-hetero", "deit-homo", "deit-hetero"])
 def test_int8_transfer_agrees(models, name):
     m = models[name]
-    x = _images(512, seed=1)
+    x = _images(256, seed=1)
     ref = _reference(m, x)
     out = devit_ext.collaborate(m, x)  # int8 by default
     # exactly the int8 semantics: (nearly) every logit equals the oracle to fp32 rounding; a token
@@ -333,3 +333,41 @@ def test_cuda_graphs_bf16(models, name):
     u = devit_ext.collaborate(mg, xu, transfer="fp32")
     u_eager = devit_ext.collaborate(mg, xu, transfer="fp32", cuda_graphs=False)
     torch.testing.assert_close(u, u_eager, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------
+# The bench's plain-torch stacked baseline computes the same function
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_bench_plain_stacked_baseline(distilled):
+    from devit_ext.bench.e2e import PlainStacked
+
+    m = _devit(HOMO, distilled=distilled)
+    x = _images(4)
+    with torch.no_grad():
+        torch.testing.assert_close(PlainStacked(m)(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_build_devit_shapes():
+    import timm
+
+    from devit_ext.bench.e2e import build_devit
+
+    t = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=PATCH, num_classes=12,
+                          embed_dim=64, depth=2, num_heads=2)
+    m = build_devit(t, [{"embed_dim": 32, "depth": 2, "num_heads": 1, "mlp_hidden": 64}] * 4)
+    assert m.num_devices == 4 and m.widths == [32] * 4 and m.num_classes == 12
+    out = devit_ext.collaborate(m, _images(2), transfer="fp32")
+    with torch.no_grad():
+        torch.testing.assert_close(out, m(_images(2)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_sender_cpu():
+    m = _devit(HETERO)
+    x = _images(4)
+    out, st = devit_ext.collaborate(m, x, transfer="fp32", compile=True, return_stats=True)
+    assert st.extra["compiled"]
+    torch.testing.assert_close(out, _reference(m, x), rtol=1e-4, atol=1e-5)

@@ -13,7 +13,7 @@ timm = pytest.importorskip("timm")
 import devit_ext
 from devit_ext import importance as imp
 from devit_ext import partition as part
-from devit_ext.decompose import (
+from devit_ext.decomposition import (
     choose_units,
     decompose,
     describe_shape,
@@ -57,12 +57,18 @@ def deit3():
 
 
 @pytest.fixture(scope="module")
+def vitx():
+    # CLIP-style variant: norm_pre, no qkv bias, class token without position embedding
+    return _tiny(depth=2, pre_norm=True, qkv_bias=False, no_embed_class=True, embed_dim=32, num_heads=2)
+
+
+@pytest.fixture(scope="module")
 def images():
     torch.manual_seed(1)
     return torch.randn(3, 3, 32, 32)
 
 
-def _data(n=48, bs=16, seed=2):
+def _data(n=40, bs=20, seed=2):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, 32, 32, generator=g)
     y = torch.arange(n) % C
@@ -74,7 +80,7 @@ def _data(n=48, bs=16, seed=2):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["vit", "deit", "deit3"])
+@pytest.mark.parametrize("which", ["vit", "deit", "deit3", "vitx"])
 def test_pruning_nothing_reproduces_teacher(which, request, images):
     t = request.getfixturevalue(which)
     m = decompose(t, 1, budgets=[1.0]).eval()
@@ -123,6 +129,13 @@ def test_inherited_weights_are_exact_slices(vit):
             assert torch.equal(ss[p + "mlp.fc1.bias"], ts[p + "mlp.fc1.bias"][nk])
             assert torch.equal(ss[p + "mlp.fc2.weight"], ts[p + "mlp.fc2.weight"][e][:, nk])
             assert torch.equal(ss[p + "norm1.weight"], ts[p + "norm1.weight"][e])
+
+
+def test_variant_teacher_prunes(vitx, images):
+    m = decompose(vitx, 2, budgets=[0.3, {"embed_dim": 16, "depth": 1, "num_heads": 1, "mlp_hidden": 24}])
+    assert m.submodels[0].cfg["pre_norm"] and not m.submodels[0].cfg["qkv_bias"]
+    assert m.submodels[1].norm_pre.weight.shape == (16,)
+    assert m(images).shape == (3, C)
 
 
 def test_explicit_shape_honoured_and_timm_names(deit3):

@@ -381,26 +381,49 @@ def _alive(pid) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def test_worker_with_another_model_is_refused(tmp_path):
+def _start_worker(rank, model_dir, port, *, via_env=False):
+    args = ["--model", str(model_dir), "--timeout", "120", "--threads", "1", "--parent-pid", str(os.getpid())]
+    env = dict(os.environ)
+    if via_env:  # as under torchrun
+        env.update(RANK=str(rank), WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    else:
+        args += ["--rank", str(rank), "--world-size", "3", "--init-method", f"tcp://127.0.0.1:{port}"]
+    return subprocess.Popen([sys.executable, "-m", "devit_ext.engines.worker", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+
+def test_external_workers_and_another_model_is_refused(tmp_path):
     D.shutdown()
-    m = make_model(widths=(16, 16), seed=11)
-    other = make_model(widths=(16, 16), seed=12)
+    m = make_model(widths=(16, 32), seed=11)
+    other = make_model(widths=(16, 32), seed=12)
     m.save(tmp_path / "m")
     other.save(tmp_path / "other")
-    port = free_port()
-    init = f"tcp://127.0.0.1:{port}"
+    good, bad = free_port(), free_port()
     procs = []
     try:
-        for rank, path in ((1, tmp_path / "m"), (2, tmp_path / "other")):
-            cmd = [sys.executable, "-m", "devit_ext.engines.worker", "--rank", str(rank), "--world-size", "3",
-                   "--init-method", init, "--model", str(path), "--timeout", "120", "--threads", "1",
-                   "--parent-pid", str(os.getpid())]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        # one group of workers running the model (rank 1 configured like torchrun does), one where rank 2 runs another
+        procs += [_start_worker(1, tmp_path / "m", good, via_env=True), _start_worker(2, tmp_path / "m", good)]
+        procs += [_start_worker(1, tmp_path / "m", bad), _start_worker(2, tmp_path / "other", bad)]
+        x = uint8_images(24)
+
+        init = f"tcp://127.0.0.1:{good}"
+        out, st = D.run(m, x, init_method=init, world_size=3, batch_size=8, timeout=10, rendezvous_timeout=180)
+        check_int8(out, m, x)
+        assert st.extra["new_group"] and not st.extra["spawned"]
+        out, st = D.run(m, common.normalise_images(m, x), init_method=init, transfer="fp32", timeout=10)
+        torch.testing.assert_close(out, reference(m, x), rtol=1e-5, atol=1e-5)
+        assert not st.extra["new_group"]
+        with pytest.raises(D.WorkerRefused, match="run another model"):
+            D.run(other, x, init_method=init, timeout=10)  # the aggregator's model is not the workers'
+        D.shutdown(init)
+        assert [p.wait(timeout=30) for p in procs[:2]] == [0, 0]
+
+        init = f"tcp://127.0.0.1:{bad}"
         with pytest.raises(D.WorkerRefused, match=r"device 1 \(rank 2\): it runs another model") as e:
-            D.run(m, uint8_images(4), init_method=init, world_size=3, timeout=10, rendezvous_timeout=180)
+            D.run(m, x, init_method=init, world_size=3, timeout=10, rendezvous_timeout=180)
         assert e.value.devices == [1]
-        codes = [p.wait(timeout=30) for p in procs]
-        logs = [p.stdout.read().decode() for p in procs]
+        codes = [p.wait(timeout=30) for p in procs[2:]]
+        logs = [p.stdout.read().decode() for p in procs[2:]]
         assert codes == [0, 3], (codes, logs)
         assert "refused" in logs[1] and "another model" not in logs[0]
         assert init not in D.sessions()

@@ -330,6 +330,37 @@ def test_torch_compile_fullgraph_cpu():
         assert torch.equal(g, e)
 
 
+def test_eager_fast_path_matches_op_and_modes_see_the_op():
+    """Public functions skip the dispatcher only when nothing can tell; modes still see devit ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from devit_ext.ops import quant
+
+    x = torch.randn(6, 197)
+    w, b = torch.rand(197) + 0.5, torch.randn(197)
+    assert quant._eager_ok(x, w, None)
+    assert not quant._eager_ok(x, w.requires_grad_(True))
+    w.requires_grad_(False)
+    q, s = torch.ops.devit.quantize_int8(x)
+    _assert_quant_equal(quantize_int8(x), (q, s))
+    assert torch.equal(dequantize_int8(q, s, torch.bfloat16), torch.ops.devit.dequantize_int8(q, s, torch.bfloat16))
+    _assert_quant_equal(layernorm_quantize_int8(x, w, b, 1e-6), torch.ops.devit.layernorm_quantize_int8(x, w, b, 1e-6))
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        quantize_int8(x)
+        dequantize_int8(q, s)
+        layernorm_quantize_int8(x, w, b, 1e-6)
+    assert {"devit.quantize_int8.default", "devit.dequantize_int8.default",
+            "devit.layernorm_quantize_int8.default"} <= set(seen), seen
+
+
 def test_cpu_path_is_native():
     if _build.native() is None:
         pytest.fail(f"devit_ext._C did not load: {_build.native_error()}")

@@ -11,7 +11,8 @@ GPU (canonical, ISSUE 6): teacher timm `vit_large_patch16_224` (random weights,
   (batches 64 and 256 only: ~2 min of autotuning per batch size)
 - our local engine: `devit_ext.collaborate(model, images)` (int8 tokens,
   bf16, CUDA graphs), timed as a user calls it (argument and image checks
-  included)
+  included); and with `compile=True` (inductor fuses the elementwise passes
+  of the sender side, the devit ops stay opaque), still in CUDA graphs
 
 CPU (2 cores): teacher ViT-S-shaped (384 wide, 6 heads, 12 blocks, 224 px),
 4 devices with the decomposition's default budget (40% of the teacher's FLOPs
@@ -30,6 +31,7 @@ DEVIT_E2E_SKIP="compile,autotune,graph,distributed" (row families to leave out).
 from __future__ import annotations
 
 import os
+import statistics
 import time
 import traceback
 from typing import Callable
@@ -91,17 +93,19 @@ def default_cpu_shape(teacher: nn.Module) -> tuple[dict, str]:
     from ..model import teacher_config
 
     try:
-        from .. import decompose as dec
+        import importlib
+
+        dec = importlib.import_module("devit_ext.decomposition")
 
         tcfg = teacher_config(teacher)
         frac = dec.DEFAULT_TOTAL_FRACTION / NUM_DEVICES
-        cfg = dec.search_shape(tcfg, frac)
+        cfg = dec.resolve_budgets(tcfg, NUM_DEVICES, None)[0][0]  # device 0 of the default budgets
         blocks = cfg["blocks"]
         if any(b != blocks[0] for b in blocks):
             raise ValueError("non-uniform blocks")
         shape = {"embed_dim": cfg["embed_dim"], "depth": len(blocks), "num_heads": blocks[0]["num_heads"],
                  "mlp_hidden": blocks[0]["mlp_hidden"]}
-        return shape, f"decompose.search_shape({frac:.2f} of the teacher's FLOPs)"
+        return shape, f"decompose default budget: {frac:.2f} of the teacher's FLOPs per device"
     except Exception as e:  # noqa: BLE001 - the fallback is named in the table
         return dict(CPU_FALLBACK_SUB), f"fixed ~10% shape (decompose default unavailable: {type(e).__name__}: {e})"
 
@@ -235,6 +239,37 @@ class _Rows:
         self.t.add(**row)
         return s
 
+    def interleaved(self, batch: int, entries: list[tuple[str, Callable]], inputs, rounds: int) -> dict[str, float]:
+        """CPU: time every entry in turn, round after round (load drift on a shared machine hits all rows
+        alike); median per entry. The first entry is the batch's baseline. A failing entry gets a row
+        saying why."""
+        setup, live = {}, []
+        with torch.inference_mode():
+            for name, fn in entries:
+                try:
+                    t0 = time.perf_counter()
+                    fn(inputs[0])
+                    setup[name] = time.perf_counter() - t0
+                    live.append((name, fn))
+                except Exception as e:  # noqa: BLE001 - the row says what failed
+                    self.t.add(row=name, batch=batch, ms="-", images_per_s="-", speedup="-",
+                               note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            times: dict[str, list[float]] = {n: [] for n, _ in live}
+            for r in range(self.warmup + rounds):
+                for name, fn in live:
+                    x = inputs[r % len(inputs)]
+                    t0 = time.perf_counter()
+                    fn(x)
+                    if r >= self.warmup:
+                        times[name].append(time.perf_counter() - t0)
+        med = {n: statistics.median(v) for n, v in times.items()}
+        base = med.get(entries[0][0])
+        for name, _ in live:
+            s = med[name]
+            self.t.add(row=name, batch=batch, ms=s * 1e3, images_per_s=batch / s,
+                       speedup=(base / s) if base else "-", setup_s=setup[name])
+        return med
+
     def skip(self, name: str, batch: int, why: str):
         self.t.add(row=name, batch=batch, ms="-", images_per_s="-", speedup="-", note=f"skipped: {why}")
 
@@ -297,6 +332,18 @@ def _run_gpu(quick: bool) -> Table:
 
         rows.time("local engine (ours, int8, CUDA graphs)", b, engine, xs)
         if "st" in stats:
+            st = stats.pop("st")
+            t.rows[-1]["bytes_per_image_per_device"] = st.transfer_bytes_per_image[0]
+            t.rows[-1]["note"] = "ops: " + ", ".join(f"{k}={v}" for k, v in st.op_paths.items())
+        if "compile" not in skip:
+
+            def engine_compiled(x):
+                out, st = devit_ext.collaborate(model, x, compile=True, return_stats=True)
+                stats["st"] = st
+                return out
+
+            rows.time("local engine + compile=True (inductor-fused sender)", b, engine_compiled, xs)
+        if "st" in stats:
             st = stats["st"]
             t.rows[-1]["bytes_per_image_per_device"] = st.transfer_bytes_per_image[0]
             t.rows[-1]["note"] = "ops: " + ", ".join(f"{k}={v}" for k, v in st.op_paths.items())
@@ -316,45 +363,51 @@ def _run_cpu(quick: bool) -> Table:
     frac = sum(model.flops()) / vit_flops(teacher_config(teacher))
     title = (f"e2e cpu: {CPU_TEACHER} (224 px) vs {NUM_DEVICES}x(d={shape['embed_dim']},H={shape['num_heads']},"
              f"L={shape['depth']},mlp={shape['mlp_hidden']}) = {frac:.0%} of the teacher's FLOPs [{how}], fp32, "
-             f"{torch.get_num_threads()} threads")
+             f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
     t = Table(title)
-    rows = _Rows(t, "cpu", iters=3 if quick else 7, warmup=1 if quick else 2, min_seconds=0.0)
+    rows = _Rows(t, "cpu", iters=3 if quick else 9, warmup=1, min_seconds=0.0)
     stacked = PlainStacked(model)
-    for b in batches:
-        xs = _inputs(b, model, "cpu", torch.float32, n=2)
-        rows.time("teacher eager (timm)", b, teacher, xs, baseline=True)
-        rows.time("naive loop eager", b, model, xs)
-        rows.time("plain stacked eager", b, stacked, xs)
-        st_box = {}
+    st_box: dict = {}
 
-        def engine(x, transfer="int8"):
-            out, st = devit_ext.collaborate(model, x, transfer=transfer, return_stats=True)
-            st_box["st"] = st
-            return out
+    def engine(x):
+        out, st = devit_ext.collaborate(model, x, return_stats=True)
+        st_box["st"] = st
+        return out
 
-        if rows.time("local engine (ours, int8)", b, engine, xs) is not None:
-            st = st_box["st"]
-            t.rows[-1]["bytes_per_image_per_device"] = st.transfer_bytes_per_image[0]
-            t.rows[-1]["fp32_bytes"] = 4 * model.widths[0]
-            t.rows[-1]["note"] = "ops: " + ", ".join(f"{k}={v.split(' (')[0]}" for k, v in st.op_paths.items())
-        if "distributed" in skip:
-            rows.skip("distributed engine (loopback, spawned workers)", b, "DEVIT_E2E_SKIP")
-            continue
+    def dist(x):
+        out, st = devit_ext.collaborate(model, x, engine="distributed", spawn=True, timeout=60.0, return_stats=True)
+        st_box["dist"] = st
+        return out
+
+    dist_name = "distributed engine (loopback, spawned workers)"
+    dist_why = None
+    if "distributed" in skip:
+        dist_why = "DEVIT_E2E_SKIP"
+    else:
         try:
             import importlib
 
             importlib.import_module("devit_ext.engines.distributed")
         except Exception as e:  # noqa: BLE001 - said in the row
-            rows.skip("distributed engine (loopback, spawned workers)", b,
-                      f"devit_ext.engines.distributed unavailable ({type(e).__name__}: {e})")
-            continue
-
-        def dist(x):
-            out, st = devit_ext.collaborate(model, x, engine="distributed", spawn=True, timeout=60.0, return_stats=True)
-            st_box["dist"] = st
-            return out
-
-        if rows.time("distributed engine (loopback, spawned workers)", b, dist, xs) is not None and "dist" in st_box:
-            st = st_box["dist"]
-            t.rows[-1]["bytes_per_image_per_device"] = st.transfer_bytes_per_image[0] if st.transfer_bytes_per_image else "-"
+            dist_why = f"devit_ext.engines.distributed unavailable ({type(e).__name__}: {e})"
+    for b in batches:
+        xs = _inputs(b, model, "cpu", torch.float32, n=2)
+        entries = [("teacher eager (timm)", teacher), ("naive loop eager", model), ("plain stacked eager", stacked),
+                   ("local engine (ours, int8)", engine)]
+        if dist_why is None:
+            entries.append((dist_name, dist))
+        rows.interleaved(b, entries, xs, rounds=rows.iters)
+        for r in t.rows:
+            if r["batch"] != b or r.get("ms") == "-":
+                continue
+            if r["row"].startswith("local") and "st" in st_box:
+                st = st_box["st"]
+                r["bytes_per_image_per_device"] = st.transfer_bytes_per_image[0]
+                r["fp32_bytes"] = 4 * model.widths[0]
+                r["note"] = "ops: " + ", ".join(f"{k}={v.split(' (')[0]}" for k, v in st.op_paths.items())
+            if r["row"].startswith("distributed") and "dist" in st_box:
+                st = st_box["dist"]
+                r["bytes_per_image_per_device"] = st.transfer_bytes_per_image[0] if st.transfer_bytes_per_image else "-"
+        if dist_why is not None:
+            rows.skip(dist_name, b, dist_why)
     return t

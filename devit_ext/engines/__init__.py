@@ -40,7 +40,8 @@ def collaborate(
     (distributed: every rendezvous and receive). degrade: distributed only,
     answer from the devices still alive. device/dtype: where and in what
     precision the sub-models run (default: the model's device; bf16 on CUDA,
-    fp32 on CPU). engine_opts: local: cuda_graphs (bool), max_bucket (int);
+    fp32 on CPU). engine_opts: local: cuda_graphs (bool, default True), max_bucket
+    (int, default 256), compile (bool, default False: torch.compile the sender side);
     distributed: see devit_ext.engines.distributed.
 
     Returns logits, or (logits, Stats) with return_stats=True. The result equals

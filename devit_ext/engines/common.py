@@ -127,8 +127,9 @@ def check_images(model, images) -> str:
         )
     if images.dtype == torch.uint8:
         return "uint8"
-    finite = torch.isfinite(images).all()
-    if not bool(finite):
+    # one reduction pass: any NaN/Inf makes the fp32 sum non-finite; only then (or on overflow of
+    # huge finite values) look closer
+    if not math.isfinite(float(images.sum(dtype=torch.float32))) and not bool(torch.isfinite(images).all()):
         nan = int(torch.isnan(images).sum())
         inf = int(torch.isinf(images).sum())
         raise ValueError(f"images: contain non-finite values ({nan} NaN, {inf} Inf)")
@@ -316,4 +317,33 @@ def _ask_op_path(mod, name: str, device: torch.device) -> str:
                 return f"unknown (devit_ext.ops.{fn_name} raised {type(e).__name__}: {e})"
             if r:
                 return str(r)
-    return "devit_ext.ops (the ops layer does not report which implementation runs)"
+    try:
+        return _dispatch_rule(name, device)
+    except Exception as e:  # noqa: BLE001 - reported
+        return f"unknown ({type(e).__name__}: {e})"
+
+
+def _dispatch_rule(name: str, device: torch.device) -> str:
+    """The path each op takes by its module's dispatch rule (ops/quant.py, attention.py, fusion.py)."""
+    from .. import _build
+
+    native = _build.native()
+    why_no_native = f"native module missing: {_build.native_error()}"
+    if name in ("quantize_int8", "dequantize_int8", "layernorm_quantize_int8"):
+        from ..ops import quant
+
+        p = quant._path(device)
+        return {"cpp": "native C++", "cuda": "native CUDA"}.get(
+            p, f"reference ({why_no_native if native is None else 'no native kernel for ' + device.type})"
+        )
+    if device.type == "cuda":
+        from ..kernels import _launch
+
+        if _launch.triton_version() is None:
+            return "unavailable (triton missing)"
+        return "triton"
+    if name == "subvit_attention":
+        return "reference (torch SDPA: the op's CPU path)"
+    if name == "ensemble_fusion":
+        return "native C++ dequantise + torch matmul" if native is not None else f"reference ({why_no_native})"
+    return "devit_ext.ops"

@@ -377,6 +377,9 @@ class _Session:
                 pass
             if p.poll() is not None:
                 what += f"; the worker process {_exit_text(p.poll())}"
+            log = self.worker_log(i).strip()
+            if log:
+                what += f" (its log ends: {log[-300:]!r})"
         return f"device {i} (rank {i + 1}): {what} [{text}]" if text not in what else f"device {i} (rank {i + 1}): {what}"
 
     def _logs(self, n: int = 600) -> str:
@@ -464,7 +467,7 @@ def _get_session(model, mhash, *, key, init_method, world, backend, spawn, degra
             reason = "respawn"  # the model changed: new workers with the new weights
         elif s.spawned and any(p.poll() is not None for p in s.procs) and not degrade:
             reason = "respawn"
-        elif s.dead and not degrade:
+        elif s.dead and (not degrade or len(s.dead) == s.num_devices):
             reason = "dead"
         if reason is not None:
             _SESSIONS.pop(key, None)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import common
 from .stacked import SenderStack
 
-ENGINE_OPTS = ("cuda_graphs", "max_bucket")
+ENGINE_OPTS = ("cuda_graphs", "max_bucket", "compile")
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _CACHE_PER_MODEL = 4
 
@@ -48,7 +48,7 @@ def _structure(model) -> tuple:
 
 class LocalEngine:
     def __init__(self, model, device: torch.device, dtype: torch.dtype, transfer: str, *, cuda_graphs: bool = True,
-                 max_bucket: int = 256):
+                 max_bucket: int = 256, compile: bool = False):
         self.device, self.dtype, self.transfer = device, dtype, transfer
         self.ops = common.ops()
         self.num_devices = model.num_devices
@@ -66,6 +66,10 @@ class LocalEngine:
                 )
                 for mp, cls in model.fusion.branches()
             ]
+        # opt-in: inductor fuses the elementwise passes between the batched matmuls; the devit ops
+        # stay single opaque nodes (they have fake kernels). Compiles on the first call of each shape.
+        self.compiled = bool(compile)
+        self._sender = torch.compile(self.sender, dynamic=False) if self.compiled else self.sender
         self.use_graphs = bool(cuda_graphs) and device.type == "cuda"
         self.max_bucket = int(max_bucket)
         self._graphs: dict[int, dict] = {}
@@ -78,7 +82,7 @@ class LocalEngine:
         int8: (q int8 (B, T, d_m), scale fp32 (B, T)) per model; fp16/fp32: the
         tokens (B, T, d_m) in that dtype.
         """
-        toks = self.sender(images)
+        toks = self._sender(images)
         msgs = []
         for m, x in enumerate(toks):
             w, b, eps = self.norms[m]
@@ -183,7 +187,7 @@ def get_engine(model, device: torch.device, dtype: torch.dtype, transfer: str, o
     mb = opts.get("max_bucket", 256)
     if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
         raise ValueError(f"max_bucket: expected a positive int, got {mb!r}")
-    key = (str(device), dtype, transfer, bool(opts.get("cuda_graphs", True)), mb)
+    key = (str(device), dtype, transfer, bool(opts.get("cuda_graphs", True)), mb, bool(opts.get("compile", False)))
     per_model = _CACHE.setdefault(model, {})
     entry = per_model.get(key)
     # valid while the same parameter tensors are unmodified: every in-place change (optimizer
@@ -193,7 +197,7 @@ def get_engine(model, device: torch.device, dtype: torch.dtype, transfer: str, o
         entry = None
     if entry is None:
         params = list(model.parameters())
-        eng = LocalEngine(model, device, dtype, transfer, cuda_graphs=key[3], max_bucket=mb)
+        eng = LocalEngine(model, device, dtype, transfer, cuda_graphs=key[3], max_bucket=mb, compile=key[5])
         entry = {"engine": eng, "params": params, "versions": list(map(_VERSION, params)),
                  "structure": _structure(model)}
         per_model.pop(key, None)
@@ -252,6 +256,7 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
         ],
         extra={
             "cuda_graphs": eng.use_graphs,
+            "compiled": eng.compiled,
             "buckets": sorted(eng._graphs),
             "homogeneous": eng.sender.homogeneous,
         },

@@ -227,9 +227,8 @@ class _Worker:
                 msg, _ = self.compute(images, wire.TRANSFER_NAMES[c[8]], _proto.COMPUTE_DTYPES[c[9]], bid)
                 if pending is not None:
                     pending.wait(tmo)  # batch k-1 has left before batch k goes out
-                out = msg.to(comm)
+                out = msg.to(comm)  # stays referenced until the next batch has waited on this send
                 pending = pg.send([out], 0, _proto.TAG_TOKENS)
-                pending_buf = out  # noqa: F841 - keep the buffer alive until the send completes
         except RuntimeError as e:
             text = str(e).splitlines()[0] if str(e) else type(e).__name__
             _say(prefix, f"lost the aggregator ({text}); exiting")

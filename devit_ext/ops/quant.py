@@ -15,6 +15,14 @@ Numerics are those of `reference.py`: quantize matches it bit for bit,
 layernorm_quantize up to the rounding of the LayerNorm itself.
 Inputs: fp32 / fp16 / bf16, any leading dims, last dim >= 1, any strides (a
 view is passed with its strides when the leading dims collapse, else copied).
+
+Eager fast path: a Python custom op costs ~15-30 us of dispatch per call, as
+much as the CPU kernel itself on a 1,024 x 192 token batch. The public
+functions therefore call the op's implementation directly when nothing could
+observe the difference: plain tensors, no grad required, not compiling or
+tracing, no dispatch / function mode, no functorch transform, profiler off.
+Otherwise (torch.compile, export, opcheck, FakeTensor, profiling, autograd)
+they go through `torch.ops.devit.*`. Both run the same function.
 """
 # No `from __future__ import annotations`: torch.library infers op schemas from
 # real annotation objects.
@@ -63,6 +71,22 @@ def _param(t: Optional[torch.Tensor]) -> Tuple[int, int, int]:
     return t.data_ptr(), _CODES[t.dtype], t.stride(0)
 
 
+def _eager_ok(*tensors) -> bool:
+    """True when calling the implementation directly is indistinguishable from the op."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() != 0
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or torch._C._autograd._profiler_enabled()
+    ):
+        return False
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or t.requires_grad):
+            return False
+    return True
+
+
 # ---------------------------------------------------------------- argument checks
 def _check_quantize(x) -> None:
     _checks.check_float("x", x, min_dim=1)
@@ -98,9 +122,7 @@ def _check_layernorm(x, weight, bias, eps) -> float:
 
 
 # ---------------------------------------------------------------- quantize_int8
-@torch.library.custom_op("devit::quantize_int8", mutates_args=())
-def _quantize_op(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    _check_quantize(x)
+def _quantize_run(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     path = _path(x.device)
     if path == "reference":
         return reference.quantize_int8(x)
@@ -124,15 +146,19 @@ def _quantize_op(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+@torch.library.custom_op("devit::quantize_int8", mutates_args=())
+def _quantize_op(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_quantize(x)
+    return _quantize_run(x)
+
+
 @_quantize_op.register_fake
 def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- dequantize_int8
-@torch.library.custom_op("devit::dequantize_int8", mutates_args=())
-def _dequantize_op(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    _check_dequantize(q, scale, dtype)
+def _dequantize_run(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     path = _path(q.device)
     if path == "reference":
         return reference.dequantize_int8(q, scale, dtype)
@@ -154,6 +180,12 @@ def _dequantize_op(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
             out.data_ptr(), _CODES[dtype], torch.get_num_threads(),
         )
     return out
+
+
+@torch.library.custom_op("devit::dequantize_int8", mutates_args=())
+def _dequantize_op(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    _check_dequantize(q, scale, dtype)
+    return _dequantize_run(q, scale, dtype)
 
 
 @_dequantize_op.register_fake
@@ -180,11 +212,9 @@ _dequantize_op.register_autograd(_dequantize_backward, setup_context=_dequantize
 
 
 # ---------------------------------------------------------------- layernorm_quantize_int8
-@torch.library.custom_op("devit::layernorm_quantize_int8", mutates_args=())
-def _layernorm_quantize_op(
+def _layernorm_quantize_run(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    eps = _check_layernorm(x, weight, bias, eps)
     path = _path(x.device)
     if path == "reference":
         return reference.layernorm_quantize_int8(x, weight, bias, eps)
@@ -210,6 +240,14 @@ def _layernorm_quantize_op(
     return q, scale
 
 
+@torch.library.custom_op("devit::layernorm_quantize_int8", mutates_args=())
+def _layernorm_quantize_op(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    eps = _check_layernorm(x, weight, bias, eps)
+    return _layernorm_quantize_run(x, weight, bias, eps)
+
+
 @_layernorm_quantize_op.register_fake
 def _(x, weight, bias, eps):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
@@ -223,12 +261,16 @@ def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     scale float32 (...) = max|row| / 127). An all-zero row gives scale 0, q 0.
     """
     _check_quantize(x)
+    if _eager_ok(x):
+        return _quantize_run(x)
     return torch.ops.devit.quantize_int8(x)
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q int8 (..., D), scale float32 (...) -> q * scale[..., None] (fp32 math) in `dtype`."""
     _check_dequantize(q, scale, dtype)
+    if _eager_ok(q, scale):
+        return _dequantize_run(q, scale, dtype)
     return torch.ops.devit.dequantize_int8(q, scale, dtype)
 
 
@@ -241,5 +283,7 @@ def layernorm_quantize_int8(
     weight / bias: (D,) float tensors or None (then 1 / 0).
     """
     eps = _check_layernorm(x, weight, bias, eps)
+    if _eager_ok(x, weight, bias):
+        return _layernorm_quantize_run(x, weight, bias, eps)
     return torch.ops.devit.layernorm_quantize_int8(x, weight, bias, eps)
 
