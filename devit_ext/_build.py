@@ -64,8 +64,12 @@ def build_info() -> dict[str, Any]:
     Keys: version, torch, cpp (native module loaded), cuda_compiled (CUDA kernels
     in it), cuda_archs (list of str), cuda_available (a GPU is usable now), triton
     (importable), triton_interpret (interpreter on), openmp, native_error, and one
-    key per op family naming the path it takes (quant_cpu, quant_cuda).
+    key per op family naming the path it takes (quant_cpu, quant_cuda), and
+    ops_cpu / ops_cuda: every op's implementation for CPU / CUDA tensors
+    (`devit_ext.ops.op_paths`), so a fallback to the reference is never silent.
     """
+    from .ops import op_paths
+
     import torch
 
     mod, err = _load_native()
@@ -94,4 +98,6 @@ def build_info() -> dict[str, Any]:
         "triton_error": triton_err,
         "quant_cpu": quant_cpu,
         "quant_cuda": quant_cuda,
+        "ops_cpu": op_paths("cpu"),
+        "ops_cuda": op_paths("cuda"),
     }

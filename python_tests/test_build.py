@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -44,6 +45,10 @@ def test_build_info_keys_and_types():
     assert info["cuda_available"] == torch.cuda.is_available()
     assert info["triton_interpret"] == (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
     assert all(isinstance(a, str) and a for a in info["cuda_archs"])
+    from devit_ext.ops import OP_NAMES
+
+    for key in ("ops_cpu", "ops_cuda"):  # every op's implementation is stated, per device type
+        assert set(info[key]) == set(OP_NAMES) and all(info[key].values()), info[key]
 
 
 def test_native_module_loaded():
@@ -86,8 +91,11 @@ def test_default_archs_when_not_overridden():
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
+    # cwd: a folder with no devit_ext/ in it, so the child imports the installed package
+    # (run from a source checkout, `python -c` would put the source tree first on sys.path)
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=tempfile.gettempdir(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -130,6 +138,9 @@ def test_reference_fallback_without_native_module():
         info = devit_ext.build_info()
         assert info["cpp"] is False and info["quant_cpu"].startswith("reference"), info
         assert info["cuda_compiled"] is False and info["quant_cuda"].startswith("reference"), info
+        for op in ("quantize_int8", "dequantize_int8", "layernorm_quantize_int8"):
+            assert info["ops_cpu"][op].startswith("reference (native module missing"), info["ops_cpu"]
+        assert "reference" in info["ops_cpu"]["ensemble_fusion"], info["ops_cpu"]
         from devit_ext.ops import quant, reference as R
         x = torch.randn(5, 197)
         q, s = quant.quantize_int8(x)

@@ -13,17 +13,13 @@ Contract between `collaborate` (engines/__init__.py) and an engine:
   stats unless `return_stats=True`.
 - `message_bytes(width, transfer, tokens)` is the size of one device's message
   per image, the same number the wire format must produce.
-- `op_paths(device, ...)` says which implementation of each devit op runs
-  (native C++/CUDA, Triton, or the pure-torch reference): no silent fallbacks.
+- `devit_ext.ops.op_paths(device, ...)` says which implementation of each devit op
+  runs (native C++/CUDA, Triton, or the pure-torch reference): no silent fallbacks.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import math
-import os
-import sys
 from typing import Any, Sequence
 
 import torch
@@ -251,99 +247,3 @@ class Stats:
         return self
 
 
-# ---------------------------------------------------------------------------
-# Ops: devit_ext.ops, or the reference with the reason said out loud
-# ---------------------------------------------------------------------------
-
-OP_NAMES = ("quantize_int8", "dequantize_int8", "layernorm_quantize_int8", "subvit_attention", "ensemble_fusion")
-_OPS: tuple[Any, str | None] | None = None
-
-
-def ops():
-    """The op namespace engines call: `devit_ext.ops`, or (when it cannot be imported) the reference."""
-    return _resolve_ops()[0]
-
-
-def ops_import_error() -> str | None:
-    return _resolve_ops()[1]
-
-
-def _resolve_ops():
-    global _OPS
-    if _OPS is None:
-        try:
-            mod = importlib.import_module("devit_ext.ops")
-            _OPS = (mod, None)
-        except Exception as e:  # noqa: BLE001 - reported in op_paths, never hidden
-            _OPS = (reference_ops(), f"devit_ext.ops failed to import ({type(e).__name__}: {e})")
-    return _OPS
-
-
-def reference_ops():
-    name = "devit_ext.ops.reference"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ops", "reference.py")
-    spec = importlib.util.spec_from_file_location("devit_ext._ops_reference_fallback", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def op_paths(device: torch.device | str, names: Sequence[str] = OP_NAMES) -> dict[str, str]:
-    """{op: "native" | "triton" | "reference (why)" | ...} for ops run on `device`.
-
-    Asks `devit_ext.ops` (a `path(name, device)` / `backend(name, device)`
-    function, if the ops layer provides one); says so when it cannot tell.
-    """
-    mod, err = _resolve_ops()
-    device = torch.device(device)
-    out: dict[str, str] = {}
-    for n in names:
-        if err is not None:
-            out[n] = f"reference ({err})"
-            continue
-        out[n] = _ask_op_path(mod, n, device)
-    return out
-
-
-def _ask_op_path(mod, name: str, device: torch.device) -> str:
-    for fn_name in ("op_path", "path", "backend", "implementation"):
-        fn = getattr(mod, fn_name, None)
-        if callable(fn):
-            try:
-                r = fn(name, device)
-            except Exception as e:  # noqa: BLE001 - reported
-                return f"unknown (devit_ext.ops.{fn_name} raised {type(e).__name__}: {e})"
-            if r:
-                return str(r)
-    try:
-        return _dispatch_rule(name, device)
-    except Exception as e:  # noqa: BLE001 - reported
-        return f"unknown ({type(e).__name__}: {e})"
-
-
-def _dispatch_rule(name: str, device: torch.device) -> str:
-    """The path each op takes by its module's dispatch rule (ops/quant.py, attention.py, fusion.py)."""
-    from .. import _build
-
-    native = _build.native()
-    why_no_native = f"native module missing: {_build.native_error()}"
-    if name in ("quantize_int8", "dequantize_int8", "layernorm_quantize_int8"):
-        from ..ops import quant
-
-        p = quant._path(device)
-        return {"cpp": "native C++", "cuda": "native CUDA"}.get(
-            p, f"reference ({why_no_native if native is None else 'no native kernel for ' + device.type})"
-        )
-    if device.type == "cuda":
-        from ..kernels import _launch
-
-        if _launch.triton_version() is None:
-            return "unavailable (triton missing)"
-        return "triton"
-    if name == "subvit_attention":
-        return "reference (torch SDPA: the op's CPU path)"
-    if name == "ensemble_fusion":
-        return "native C++ dequantise + torch matmul" if native is not None else f"reference ({why_no_native})"
-    return "devit_ext.ops"

@@ -61,7 +61,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import wire
+from .. import ops, wire
 from . import _proto, common
 
 ENGINE_OPTS = ("init_method", "world_size", "spawn", "backend", "threads", "worker_device", "rendezvous_timeout",
@@ -234,7 +234,10 @@ class _Session:
             ]
             log = open(os.path.join(self.tmpdir, f"worker{r}.log"), "wb")
             try:
-                self.procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env))
+                # cwd: the temp dir, so `-m` cannot pick up a devit_ext/ source folder from the caller's cwd
+                self.procs.append(subprocess.Popen(
+                    cmd, cwd=self.tmpdir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+                ))
             finally:
                 log.close()
 
@@ -670,7 +673,7 @@ def _run_batches(model, s: _Session, images, *, transfer, batch_size, timeout, d
         transfer_bytes_per_image=[common.message_bytes(widths[i], transfer, T) for i in range(n_dev)],
         transfer_s=[None if i in missing else wire_t[i] for i in range(n_dev)],
         fusion_s=fusion_s,
-        op_paths=common.op_paths(dev, ("ensemble_fusion",) if transfer == "int8" else ()),
+        op_paths=ops.op_paths(dev, ("ensemble_fusion",) if transfer == "int8" else ()),
         missing_devices=gone, degraded=bool(gone),
     )
     stats.notes.append("compute_s: the slowest device (devices run in parallel); device_compute_s as timed by each worker")
@@ -698,7 +701,7 @@ def _fuse(model, msgs: dict, B: int, T: int, widths, offsets, transfer: str, dev
                 q[:, :, offsets[i] : offsets[i + 1]] = m.q
                 sc[:, :, i] = m.scales
             q, sc = q.to(dev), sc.to(dev)
-            fuse = common.ops().ensemble_fusion
+            fuse = ops.ensemble_fusion
             out = [
                 fuse(q[:, t].contiguous(), sc[:, t].contiguous(), list(widths), mp.weight, mp.bias, hd.weight, hd.bias)
                 for t, (mp, hd) in enumerate(branches)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from . import common
 from .stacked import SenderStack
 
@@ -50,7 +51,7 @@ class LocalEngine:
     def __init__(self, model, device: torch.device, dtype: torch.dtype, transfer: str, *, cuda_graphs: bool = True,
                  max_bucket: int = 256, compile: bool = False):
         self.device, self.dtype, self.transfer = device, dtype, transfer
-        self.ops = common.ops()
+        self.ops = ops
         self.num_devices = model.num_devices
         self.widths = list(model.widths)
         self.T = common.tokens_per_image(model)
@@ -248,7 +249,7 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
         transfer_bytes_per_image=[common.message_bytes(w, transfer, eng.T) for w in eng.widths],
         transfer_s=[None] * model.num_devices,
         fusion_s=timing["fusion_s"],
-        op_paths=common.op_paths(dev, used),
+        op_paths=ops.op_paths(dev, used),
         notes=[
             "all sub-models ran fused in one process: per-device compute time is not separable "
             "(compute_s is all devices together); nothing crossed a wire (transfer_s None)",

@@ -168,7 +168,7 @@ class _Worker:
         import torch
         import torch.nn.functional as F
 
-        from .. import wire
+        from .. import ops, wire
         from . import common
 
         t0 = time.perf_counter()
@@ -178,7 +178,7 @@ class _Worker:
             B, T, d = f.shape
             norm = self.sub.norm
             if transfer == "int8":
-                q, s = common.ops().layernorm_quantize_int8(f.reshape(B * T, d), norm.weight, norm.bias, norm.eps)
+                q, s = ops.layernorm_quantize_int8(f.reshape(B * T, d), norm.weight, norm.bias, norm.eps)
                 q, s = q.reshape(B, T, d), s.reshape(B, T)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)

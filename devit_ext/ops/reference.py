@@ -58,11 +58,12 @@ def subvit_attention(qkv: torch.Tensor | Sequence[torch.Tensor], scale: float | 
     if isinstance(qkv, (list, tuple)):
         return [subvit_attention(t.unsqueeze(0), scale)[0] for t in qkv]
     M, B, N, three, H, D = qkv.shape
-    # (M, B, N, 3, H, D) -> 3 x (M*B, H, N, D)
-    q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, M * B, H, N, D).unbind(0)
+    # Views, not copies: (M, B, N, 3, H, D) -> 3 x (M*B, H, N, D) strided; SDPA reads strides.
+    x = qkv.reshape(M * B, N, 3, H, D)
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
     o = F.scaled_dot_product_attention(q, k, v, scale=scale)
     # (M*B, H, N, D) -> (M, B, N, H*D)
-    return o.reshape(M, B, H, N, D).permute(0, 1, 3, 2, 4).reshape(M, B, N, H * D)
+    return o.transpose(1, 2).reshape(M, B, N, H * D)
 
 
 def ensemble_fusion(
