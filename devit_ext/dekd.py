@@ -15,9 +15,10 @@ trainer `train_dekd`:
 
 Checkpoints (every epoch, under `out_dir/checkpoint/`): `weights.safetensors`
 (model, best model, optimizer tensors, RNG) + `state.json` (stage, epoch,
-history, optimizer hyper-parameters, settings). Never pickle. All randomness of
-an epoch comes from generators seeded by (seed, stage, epoch), so a resumed
-run reproduces an uninterrupted one bit for bit (on the same machine).
+history, optimizer hyper-parameters, settings), written by `devit_ext.checkpoint`.
+Never pickle. All randomness of an epoch comes from generators seeded by
+(seed, stage, epoch), so a resumed run reproduces an uninterrupted one bit for
+bit (on the same machine).
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ import copy
 import json
 import math
 import os
-import secrets
 import time
 from typing import Any, Callable, Sequence
 
@@ -34,15 +34,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _trainutil as U
+from .checkpoint import CKPT_DIR, check_settings, load_checkpoint, optimizer_from_flat, prefixed, save_checkpoint
 from .train_teacher import accuracy as _accuracy  # noqa: F401  (re-exported helper)
 from .train_teacher import build_teacher, load_teacher, save_teacher, train_teacher  # noqa: F401
 
 STAGES = ("distill", "ensemble")
 DEFAULT_EPOCHS = {"distill": 10, "ensemble": 10}
 DEFAULT_LR = {"distill": 1e-3, "ensemble": 1e-3}
-CKPT_DIR = "checkpoint"
-CKPT_WEIGHTS = "weights.safetensors"
-CKPT_STATE = "state.json"
 SUBTEACHERS_FILE = "subtask_teachers.safetensors"
 
 # ---------------------------------------------------------------------------
@@ -112,24 +110,12 @@ def token_mse(mapped: Sequence[torch.Tensor], teacher_tokens: Sequence[torch.Ten
     return sum(losses) / len(losses)
 
 
-def _reference_ops():
-    try:
-        from .ops import reference
-    except ImportError:  # the ops package may be mid-construction; the reference file is plain torch
-        import importlib.util
-
-        here = os.path.join(os.path.dirname(__file__), "ops", "reference.py")
-        spec = importlib.util.spec_from_file_location("devit_ext_ops_reference_fallback", here)
-        reference = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(reference)
-    return reference
-
-
 def int8_roundtrip(tokens: torch.Tensor) -> torch.Tensor:
-    """dequantize(quantize(tokens)) with the reference int8 ops (per-vector symmetric scale)."""
-    ref = _reference_ops()
-    q, s = ref.quantize_int8(tokens)
-    return ref.dequantize_int8(q, s, dtype=tokens.dtype)
+    """dequantize(quantize(tokens)) with the int8 transfer ops (per-vector symmetric scale)."""
+    from . import ops
+
+    q, s = ops.quantize_int8(tokens)
+    return ops.dequantize_int8(q, s, dtype=tokens.dtype)
 
 
 def fake_quant_int8(tokens: torch.Tensor) -> torch.Tensor:
@@ -264,85 +250,6 @@ def _relation_pairs(relation_layers, model, teacher) -> list[list[tuple[int, int
                     )
         out.append(pairs)
     return out
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints: safetensors for tensors, JSON for the rest
-# ---------------------------------------------------------------------------
-
-
-def _opt_to_flat(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
-    sd = opt.state_dict()
-    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{prefix}.{pid}.{k}"] = v.detach().contiguous().cpu()
-            else:
-                meta["state"].setdefault(str(pid), {})[k] = v
-    meta["tensor_keys"] = sorted(tensors)
-    return tensors, meta
-
-
-def _opt_from_flat(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key in meta["tensor_keys"]:
-        _, pid, k = key.rsplit(".", 2)
-        state.setdefault(int(pid), {})[k] = tensors[key]
-    for pid, st in meta["state"].items():
-        state.setdefault(int(pid), {}).update(st)
-    groups = []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _save_checkpoint(ckdir: str, *, model, best_state, opt, state: dict) -> None:
-    from safetensors.torch import save_file
-
-    os.makedirs(ckdir, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if best_state is not None:
-        tensors.update({f"best.{k}": v.contiguous().cpu() for k, v in best_state.items()})
-    state = dict(state)
-    if opt is not None:
-        ot, om = _opt_to_flat(opt, "opt")
-        tensors.update(ot)
-        state["optimizer"] = om
-    tensors["rng.torch"] = torch.get_rng_state()
-    token = secrets.token_hex(8)
-    state["token"] = token
-    wtmp = os.path.join(ckdir, CKPT_WEIGHTS + ".tmp")
-    save_file(tensors, wtmp, metadata={"token": token})
-    os.replace(wtmp, os.path.join(ckdir, CKPT_WEIGHTS))
-    stmp = os.path.join(ckdir, CKPT_STATE + ".tmp")
-    with open(stmp, "w") as f:
-        json.dump(state, f, indent=1)
-    os.replace(stmp, os.path.join(ckdir, CKPT_STATE))
-
-
-def _load_checkpoint(ckdir: str):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    spath, wpath = os.path.join(ckdir, CKPT_STATE), os.path.join(ckdir, CKPT_WEIGHTS)
-    if not (os.path.isfile(spath) and os.path.isfile(wpath)):
-        return None
-    with open(spath) as f:
-        state = json.load(f)
-    with safe_open(wpath, framework="pt") as f:
-        token = (f.metadata() or {}).get("token")
-    if token != state.get("token"):
-        raise ValueError(f"out_dir: checkpoint files in {ckdir} come from different saves (interrupted write?)")
-    return state, load_file(wpath)
-
-
-def _prefixed(tensors: dict, prefix: str) -> dict:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
 # ---------------------------------------------------------------------------
@@ -506,19 +413,17 @@ def train_dekd(
     # -- resume -----------------------------------------------------------------
     start_stage, start_epoch, ck_opt, ck_tensors, best_state, best_val = 0, 0, None, None, None, None
     if resume:
-        loaded = _load_checkpoint(ckdir)
+        loaded = load_checkpoint(ckdir)
         if loaded is not None:
             st, ck_tensors = loaded
-            if st.get("settings") != json.loads(json.dumps(settings)):
-                diff = sorted(k for k in settings if st.get("settings", {}).get(k) != json.loads(json.dumps(settings[k])))
-                raise ValueError(f"resume: the checkpoint in {ckdir} was written with different settings ({diff})")
-            model.load_state_dict(_prefixed(ck_tensors, "model"))
+            check_settings(st, settings, ckdir)
+            model.load_state_dict(prefixed(ck_tensors, "model"))
             torch.set_rng_state(ck_tensors["rng.torch"])
             start_stage, start_epoch = int(st["stage"]), int(st["epoch"])
             history.update({k: v for k, v in st["history"].items() if k != "settings"})
             ck_opt = st.get("optimizer")
             best_val = st.get("best_val")
-            b = _prefixed(ck_tensors, "best")
+            b = prefixed(ck_tensors, "best")
             best_state = b or None
 
     # -- sub-task teachers -----------------------------------------------------------
@@ -538,7 +443,7 @@ def train_dekd(
         modules = [model] if stage == "ensemble" else list(model.submodels)
         opt = torch.optim.AdamW(U.param_groups(modules, weight_decay), lr=lr_by[stage])
         if ck_opt is not None and si == start_stage:
-            _opt_from_flat(opt, "opt", ck_tensors, ck_opt)
+            optimizer_from_flat(opt, "opt", ck_tensors, ck_opt)
         steps = _steps_per_epoch(stage, x.shape[0], y, groups, batch_size)
         total = steps * n_epochs
         warm = int(round(warmup_epochs * steps)) if total > 1 else 0
@@ -578,10 +483,10 @@ def train_dekd(
                 state = {"version": 1, "settings": settings, "history": history, "best_val": best_val}
                 if done:
                     state.update(stage=si + 1, epoch=0, best_val=None)
-                    _save_checkpoint(ckdir, model=model, best_state=None, opt=None, state=state)
+                    save_checkpoint(ckdir, model=model, best_state=None, opt=None, state=state)
                 else:
                     state.update(stage=si, epoch=epoch + 1)
-                    _save_checkpoint(ckdir, model=model, best_state=best_state, opt=opt, state=state)
+                    save_checkpoint(ckdir, model=model, best_state=best_state, opt=opt, state=state)
             if callback is not None:
                 callback(stage, epoch + 1, rec)
     for p in model.parameters():
@@ -603,7 +508,7 @@ def _get_subteachers(teacher, groups, x, y, ckdir, epochs, lr, batch_size, shift
         subs = []
         for i, g in enumerate(groups):
             t = _restrict_head(teacher, g)
-            t.load_state_dict(_prefixed(tensors, f"t{i}"))
+            t.load_state_dict(prefixed(tensors, f"t{i}"))
             subs.append(t.to(dev).eval())
     else:
         subs = _finetune_subteachers(teacher, groups, x, y, epochs=epochs, lr=lr, batch_size=batch_size,

@@ -4,18 +4,24 @@ No pretrained weights can be downloaded, so the demo trains its own teacher:
 AdamW, one-cycle learning rate, +-2 pixel random shifts, gradient clipping,
 model selection on the validation split. `save_teacher`/`load_teacher` keep it
 as safetensors + a JSON config (the timm constructor arguments); no pickle.
+With `out_dir`, a checkpoint (`devit_ext.checkpoint`) is written every epoch and
+`resume=True` continues from it exactly: each epoch's shuffling and shifts come
+from a generator seeded by (seed, epoch), and the one-cycle schedule is a
+function of the step count, so weights + optimizer + epoch are the whole state.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _trainutil as U
+from .checkpoint import CKPT_DIR, check_settings, load_checkpoint, optimizer_from_flat, prefixed, save_checkpoint
 
 TEACHER_CONFIG = "teacher.json"
 TEACHER_WEIGHTS = "teacher.safetensors"
@@ -79,12 +85,21 @@ def train_teacher(
     seed: int = 0,
     device=None,
     progress: bool = True,
+    out_dir=None,
+    resume: bool = False,
+    callback: Callable[[int, dict], Any] | None = None,
     **arch,
 ):
     """Train `teacher` (or a new `build_teacher(**arch)`) with CE. Returns (teacher, history).
 
     `history` is a list of per-epoch dicts (loss, train_acc, val_acc, lr, seconds);
     the epoch with the best validation accuracy is restored at the end.
+
+    With `out_dir`, a checkpoint (model, best model, optimizer, RNG, epoch,
+    history) is written to `out_dir/checkpoint/` after every epoch.
+    `resume=True` continues from it exactly (same settings required; without a
+    checkpoint it starts from the beginning). `callback(epoch, record)` runs
+    after each epoch's checkpoint.
     """
     from tqdm.auto import tqdm
 
@@ -104,6 +119,15 @@ def train_teacher(
         U.check_data("val_data", xv, yv, num_classes=C, image_shape=_images_shape(teacher), who="teacher")
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"epochs/batch_size/lr: expected positive values, got {epochs}/{batch_size}/{lr}")
+    if resume and out_dir is None:
+        raise ValueError("resume: needs out_dir (where the checkpoints are)")
+    ckdir = os.path.join(out_dir, CKPT_DIR) if out_dir is not None else None
+    settings = {  # what makes a run this run: resuming with anything else would not continue it
+        "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
+        "shift": int(shift), "clip": float(clip), "label_smoothing": float(label_smoothing), "seed": int(seed),
+        "num_train": int(x.shape[0]), "num_val": 0 if val_data is None else int(xv.shape[0]),
+        "architecture": getattr(teacher, "devit_teacher_kwargs", None),
+    }
 
     torch.manual_seed(seed)
     teacher.to(dev).train()
@@ -112,8 +136,13 @@ def train_teacher(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2, div_factor=25, final_div_factor=1e3
     )
-    history, best, best_state = [], -1.0, None
-    for epoch in range(epochs):
+    history, best, best_state, start = [], -1.0, None, 0
+    loaded = load_checkpoint(ckdir) if resume else None
+    if loaded is not None:
+        start, best, best_state, history = _restore(loaded, ckdir, settings, teacher, opt, sched, steps_per_epoch)
+        if progress:
+            tqdm.write(f"teacher: resumed from {ckdir} after epoch {start}/{epochs}")
+    for epoch in range(start, epochs):
         t0 = time.time()
         g = U.generator(seed, 7, epoch)
         perm = torch.randperm(x.shape[0], generator=g)
@@ -153,10 +182,29 @@ def train_teacher(
             if "val_acc" in rec:
                 msg += f" val {rec['val_acc']:.4f}"
             tqdm.write(msg)
+        if ckdir is not None:
+            state = {"version": 1, "settings": settings, "epoch": epoch + 1, "best_val": best, "history": history}
+            save_checkpoint(ckdir, model=teacher, best_state=best_state, opt=opt, state=state)
+        if callback is not None:
+            callback(epoch + 1, rec)
     if best_state is not None:
         teacher.load_state_dict(best_state)
     teacher.eval()
     return teacher, history
+
+
+def _restore(loaded, ckdir, settings, teacher, opt, sched, steps_per_epoch):
+    """Load a checkpoint into teacher/opt/sched; (next epoch, best val acc, best state or None, history)."""
+    st, tensors = loaded
+    check_settings(st, settings, ckdir)
+    teacher.load_state_dict(prefixed(tensors, "model"))
+    optimizer_from_flat(opt, "opt", tensors, st["optimizer"])  # lr and betas as the schedule left them
+    torch.set_rng_state(tensors["rng.torch"])
+    start = int(st["epoch"])
+    # OneCycleLR computes each lr from its step count alone (plus the groups' initial/max/min lr,
+    # restored above), so setting the count is the whole of its state
+    sched.last_epoch = start * steps_per_epoch
+    return start, float(st["best_val"]), prefixed(tensors, "best") or None, list(st["history"])
 
 
 @torch.no_grad()
