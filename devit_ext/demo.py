@@ -1,6 +1,7 @@
 """`devit-ext demo`: the whole pipeline on MNIST-5k, on this machine, in a few minutes.
 
-1. train a small timm ViT teacher on MNIST-5k (cached: later runs load it),
+1. train a small timm ViT teacher on MNIST-5k (cached: later runs load it; an
+   interrupted run's next start resumes from the teacher's last epoch checkpoint),
 2. decompose it into N class-specialised sub-models (40% of its FLOPs in total),
 3. DEKD: stage "distill" per device, then stage "ensemble" (int8-aware, with
    random device dropout so an answer with a missing device stays useful),
@@ -16,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -23,7 +25,7 @@ import time
 # The recipe (tuned on 2 CPU cores; see docs/demo-results.md).
 TEACHER = dict(embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, patch_size=7)
 TEACHER_TRAIN = dict(epochs=30, batch_size=128, lr=2e-3, shift=2)
-DEKD = dict(epochs={"distill": 6, "ensemble": 12}, lr={"distill": 2e-3, "ensemble": 2e-3}, batch_size=64,
+DEKD = dict(epochs={"distill": 5, "ensemble": 10}, lr={"distill": 2e-3, "ensemble": 2e-3}, batch_size=64,
             device_dropout=0.1, shift=1)
 TINY_TEACHER = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=7)
 TINY_TEACHER_TRAIN = dict(epochs=1, batch_size=32, lr=2e-3, shift=2)
@@ -143,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     cache = None if args.no_cache else (args.cache_dir or _default_cache())
     key = _teacher_key(splits.name, arch, ttrain, args.seed, subset)
     tdir = os.path.join(cache, f"teacher-{key}") if cache else None
+    # the key covers everything the training depends on, so a checkpoint found there is this run's
+    ckpt_dir = os.path.join(cache, f"teacher-{key}-ckpt") if cache else None
     teacher_seconds, cached = None, False
     if tdir and os.path.isfile(os.path.join(tdir, "teacher.json")):
         teacher, extra = load_teacher(tdir)
@@ -153,10 +157,12 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.time()
         teacher, _ = train_teacher(train, val, img_size=splits.img_size, in_chans=splits.in_chans, num_classes=10,
                                    mean=splits.mean, std=splits.std, seed=args.seed, device=dev,
-                                   progress=progress, **arch, **ttrain)
-        teacher_seconds = time.time() - t0
+                                   progress=progress, out_dir=ckpt_dir, resume=ckpt_dir is not None,
+                                   **arch, **ttrain)
+        teacher_seconds = time.time() - t0  # this call only: epochs done before a resume are not counted
         if tdir:
             save_teacher(teacher, tdir, extra={"train_seconds": teacher_seconds})
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # the cached teacher replaces it
             say(f"      cached in {tdir}")
     teacher = teacher.to(dev).eval()
     teacher_acc = accuracy(teacher, test.images, test.labels, device=dev)
