@@ -121,14 +121,19 @@ def _check_layernorm(x, weight, bias, eps) -> float:
     return eps
 
 
+def _quant_outputs(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty q (int8, x's shape) and scale (fp32, x.shape[:-1]), and x as 2-d rows for the kernels."""
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    return q, scale, _rows(x)
+
+
 # ---------------------------------------------------------------- quantize_int8
 def _quantize_run(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     path = _path(x.device)
     if path == "reference":
         return reference.quantize_int8(x)
-    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    x2 = _rows(x)
+    q, scale, x2 = _quant_outputs(x)
     rows, cols = x2.shape
     if rows == 0:
         return q, scale
@@ -218,9 +223,7 @@ def _layernorm_quantize_run(
     path = _path(x.device)
     if path == "reference":
         return reference.layernorm_quantize_int8(x, weight, bias, eps)
-    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    x2 = _rows(x)
+    q, scale, x2 = _quant_outputs(x)
     rows, cols = x2.shape
     if rows == 0:
         return q, scale
