@@ -234,6 +234,16 @@ dim3 grid_for(int64_t rows) {
   return dim3(static_cast<unsigned>(blocks));
 }
 
+// Calls f(T{}) with T the CUDA element type of a dtype code: the one dtype switch of the launchers.
+template <class F>
+void with_element_type(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); break;
+    case kFloat16: f(__half{}); break;
+    default: f(__nv_bfloat16{}); break;  // kBFloat16 (validated by the bindings)
+  }
+}
+
 }  // namespace
 
 bool cuda_compiled() { return true; }
@@ -244,17 +254,10 @@ void quantize_int8_cuda(const void* x, int dtype, int64_t rows, int64_t cols, in
   DeviceGuard guard(device);
   const dim3 grid = grid_for(rows);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32:
-      quantize_kernel<<<grid, kThreads, 0, st>>>(static_cast<const float*>(x), rows, cols, rs, cs, q, scale);
-      break;
-    case kFloat16:
-      quantize_kernel<<<grid, kThreads, 0, st>>>(static_cast<const __half*>(x), rows, cols, rs, cs, q, scale);
-      break;
-    default:
-      quantize_kernel<<<grid, kThreads, 0, st>>>(static_cast<const __nv_bfloat16*>(x), rows, cols, rs, cs, q,
-                                                 scale);
-  }
+  with_element_type(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    quantize_kernel<<<grid, kThreads, 0, st>>>(static_cast<const T*>(x), rows, cols, rs, cs, q, scale);
+  });
   check(cudaGetLastError(), "quantize_int8 launch");
 }
 
@@ -264,17 +267,10 @@ void dequantize_int8_cuda(const int8_t* q, int64_t rows, int64_t cols, int64_t r
   DeviceGuard guard(device);
   const dim3 grid = grid_for(rows);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  switch (out_dtype) {
-    case kFloat32:
-      dequantize_kernel<<<grid, kThreads, 0, st>>>(q, rows, cols, rs, cs, scale, ss, static_cast<float*>(out));
-      break;
-    case kFloat16:
-      dequantize_kernel<<<grid, kThreads, 0, st>>>(q, rows, cols, rs, cs, scale, ss, static_cast<__half*>(out));
-      break;
-    default:
-      dequantize_kernel<<<grid, kThreads, 0, st>>>(q, rows, cols, rs, cs, scale, ss,
-                                                   static_cast<__nv_bfloat16*>(out));
-  }
+  with_element_type(out_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_kernel<<<grid, kThreads, 0, st>>>(q, rows, cols, rs, cs, scale, ss, static_cast<T*>(out));
+  });
   check(cudaGetLastError(), "dequantize_int8 launch");
 }
 
@@ -285,19 +281,11 @@ void layernorm_quantize_int8_cuda(const void* x, int dtype, int64_t rows, int64_
   DeviceGuard guard(device);
   const dim3 grid = grid_for(rows);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32:
-      layernorm_quantize_kernel<<<grid, kThreads, 0, st>>>(static_cast<const float*>(x), rows, cols, rs, cs, w, wd,
-                                                           ws, b, bd, bs, eps, q, scale);
-      break;
-    case kFloat16:
-      layernorm_quantize_kernel<<<grid, kThreads, 0, st>>>(static_cast<const __half*>(x), rows, cols, rs, cs, w, wd,
-                                                           ws, b, bd, bs, eps, q, scale);
-      break;
-    default:
-      layernorm_quantize_kernel<<<grid, kThreads, 0, st>>>(static_cast<const __nv_bfloat16*>(x), rows, cols, rs, cs,
-                                                           w, wd, ws, b, bd, bs, eps, q, scale);
-  }
+  with_element_type(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    layernorm_quantize_kernel<<<grid, kThreads, 0, st>>>(static_cast<const T*>(x), rows, cols, rs, cs, w, wd, ws, b,
+                                                         bd, bs, eps, q, scale);
+  });
   check(cudaGetLastError(), "layernorm_quantize_int8 launch");
 }
 
