@@ -21,7 +21,7 @@ _LAZY = {
     "load": ("devit_ext.model", "load"),
     "decompose": ("devit_ext.decomposition", "decompose"),
     "train_dekd": ("devit_ext.dekd", "train_dekd"),
-    "train_teacher": ("devit_ext.dekd", "train_teacher"),
+    "train_teacher": ("devit_ext.teacher", "train_teacher"),
     "collaborate": ("devit_ext.engines", "collaborate"),
 }
 

@@ -35,8 +35,7 @@ import torch.nn.functional as F
 
 from . import _trainutil as U
 from .checkpoint import CKPT_DIR, check_settings, load_checkpoint, optimizer_from_flat, prefixed, save_checkpoint
-from .train_teacher import accuracy as _accuracy  # noqa: F401  (re-exported helper)
-from .train_teacher import build_teacher, load_teacher, save_teacher, train_teacher  # noqa: F401
+from .teacher import train_teacher
 
 STAGES = ("distill", "ensemble")
 DEFAULT_EPOCHS = {"distill": 10, "ensemble": 10}

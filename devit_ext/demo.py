@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from . import data as D
     from .decomposition import decompose
     from .dekd import evaluate, train_dekd
-    from .train_teacher import accuracy, load_teacher, save_teacher, train_teacher
+    from .teacher import accuracy, load_teacher, save_teacher, train_teacher
     from . import _trainutil as U
 
     if args.devices < 1:

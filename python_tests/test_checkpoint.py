@@ -7,7 +7,7 @@ import torch
 
 from devit_ext import checkpoint as ckpt
 from devit_ext import data as D
-from devit_ext.train_teacher import build_teacher, train_teacher
+from devit_ext.teacher import build_teacher, train_teacher
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,7 @@ import torch
 import devit_ext
 from devit_ext import data as D
 from devit_ext import dekd
-from devit_ext.train_teacher import build_teacher
+from devit_ext.teacher import build_teacher
 
 torch.set_num_threads(1)
 

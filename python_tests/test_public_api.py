@@ -12,7 +12,7 @@ def test_public_names_are_the_api_objects_after_importing_every_submodule():
         if info.name.endswith(("__main__", ".cli")):
             continue
         importlib.import_module(info.name)
-    for name in ("decompose", "train_dekd", "collaborate", "load", "build_info"):
+    for name in ("decompose", "train_dekd", "train_teacher", "collaborate", "load", "build_info"):
         assert callable(getattr(devit_ext, name)), name
     assert isinstance(devit_ext.DeViT, type)
     assert devit_ext.ops.quantize_int8 is not None

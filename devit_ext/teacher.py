@@ -223,7 +223,7 @@ def save_teacher(teacher: nn.Module, path, extra: dict | None = None) -> None:
 
     kwargs = getattr(teacher, "devit_teacher_kwargs", None)
     if kwargs is None:
-        raise ValueError("teacher: was not built by devit_ext.train_teacher.build_teacher; save it with timm instead")
+        raise ValueError("teacher: was not built by devit_ext.teacher.build_teacher; save it with timm instead")
     os.makedirs(path, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in teacher.state_dict().items()}
     save_file(state, os.path.join(path, TEACHER_WEIGHTS))
