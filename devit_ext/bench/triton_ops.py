@@ -222,28 +222,28 @@ def fusion_table(device, quick, ceil, *, batches=None, widths_sets=None, T=D_T, 
 
 def cpu_table(quick: bool) -> Table:
     """CPU paths of the ops vs the reference (same tensors, same run). Triton needs a GPU here."""
-    from devit_ext import ops
-    from devit_ext.ops import reference
-
     t = Table("triton_ops: CPU paths vs reference (cpu; the Triton rows need a GPU: not measured here)")
     iters = 5 if quick else 20
     for B in (1,) if quick else (1, 8):
         inputs = [(x,) for x in _attn_inputs(HOMO, B, N_TOK, HEAD_D, torch.float32, "cpu", 2)]
-        tr = median_time(reference.subvit_attention, inputs, iters=iters)
-        to = median_time(ops.subvit_attention, inputs, iters=iters)
-        row = dict(op="subvit_attention", size=f"4x3 heads, N {N_TOK}, D {HEAD_D}, B {B}, fp32")
-        t.add(**row, impl="reference (torch SDPA)", us=tr * 1e6, vs_reference=1.0)
-        t.add(**row, impl="devit.subvit_attention (CPU path)", us=to * 1e6, vs_reference=tr / to)
-        t.add(**row, impl="triton", note="needs a CUDA GPU (bench kernels --device cuda)")
+        size = f"4x3 heads, N {N_TOK}, D {HEAD_D}, B {B}, fp32"
+        _cpu_rows(t, "subvit_attention", size, "torch SDPA", inputs, iters)
     for B in (64,) if quick else (64, 256):
         inputs = _fusion_inputs(B, FUSION_WIDTHS, D_T, CLASSES, torch.float32, "cpu", 2)
-        tr = median_time(reference.ensemble_fusion, inputs, iters=iters)
-        to = median_time(ops.ensemble_fusion, inputs, iters=iters)
-        row = dict(op="ensemble_fusion", size=f"4x192 -> {D_T} -> {CLASSES}, B {B}, fp32")
-        t.add(**row, impl="reference (eager torch)", us=tr * 1e6, vs_reference=1.0)
-        t.add(**row, impl="devit.ensemble_fusion (CPU path)", us=to * 1e6, vs_reference=tr / to)
-        t.add(**row, impl="triton", note="needs a CUDA GPU (bench kernels --device cuda)")
+        _cpu_rows(t, "ensemble_fusion", f"4x192 -> {D_T} -> {CLASSES}, B {B}, fp32", "eager torch", inputs, iters)
     return t
+
+
+def _cpu_rows(t: Table, op: str, size: str, ref_label: str, inputs, iters: int) -> None:
+    """The op's CPU path vs its reference on the same inputs, plus the Triton row a GPU run fills."""
+    from devit_ext import ops
+    from devit_ext.ops import reference
+
+    tr = median_time(getattr(reference, op), inputs, iters=iters)
+    to = median_time(getattr(ops, op), inputs, iters=iters)
+    t.add(op=op, size=size, impl=f"reference ({ref_label})", us=tr * 1e6, vs_reference=1.0)
+    t.add(op=op, size=size, impl=f"devit.{op} (CPU path)", us=to * 1e6, vs_reference=tr / to)
+    t.add(op=op, size=size, impl="triton", note="needs a CUDA GPU (bench kernels --device cuda)")
 
 
 def run(device: str, quick: bool) -> list[Table]:
