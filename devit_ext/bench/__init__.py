@@ -18,11 +18,12 @@ from .timing import Table, machine_info
 SUITES = {
     "kernels": ["devit_ext.bench.quant", "devit_ext.bench.triton_ops"],
     "e2e": ["devit_ext.bench.e2e"],
+    "train": ["devit_ext.bench.train"],
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suite", choices=sorted(SUITES), help="kernels: op microbenchmarks; e2e: whole models")
+    p.add_argument("suite", choices=sorted(SUITES), help="kernels: op microbenchmarks; e2e: whole models; train: DEKD training throughput")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--quick", action="store_true", help="fewer sizes and iterations (smoke run)")
     p.add_argument("--out", default="bench-results", help="folder for the CSV/JSON files")
