@@ -13,7 +13,6 @@ fusion head from the teacher (`init_fusion`).
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 from typing import Any, Iterable, Sequence
 
@@ -22,7 +21,8 @@ import torch.nn as nn
 
 from . import importance as imp
 from . import partition as part
-from .model import DeViT, FusionHead, SubViT, num_tokens, teacher_config, vit_flops
+from .model import DeViT, FusionHead, SubViT
+from .shapes import shape_config, teacher_config, uniform_config, vit_flops, vit_params
 
 DEFAULT_TOTAL_FRACTION = 0.4  # default: all devices together get 40% of the teacher's FLOPs, equal shares
 SEARCH_TOL = 0.03  # shape search aims within 3% of the budget ...
@@ -31,46 +31,8 @@ SHAPE_KEYS = ("embed_dim", "depth", "num_heads", "mlp_hidden")
 
 
 # ---------------------------------------------------------------------------
-# Shapes, parameter counts, budgets
+# Shape search and budgets (shapes and costs themselves: devit_ext.shapes)
 # ---------------------------------------------------------------------------
-
-
-def shape_config(tcfg: dict, embed_dim: int, blocks: Sequence[dict], num_classes: int) -> dict:
-    """A SubViT config: the teacher's with width, blocks and (local) class count replaced."""
-    cfg = copy.deepcopy(tcfg)
-    cfg["embed_dim"] = int(embed_dim)
-    cfg["blocks"] = [{"num_heads": int(b["num_heads"]), "mlp_hidden": int(b["mlp_hidden"])} for b in blocks]
-    cfg["num_classes"] = int(num_classes)
-    return cfg
-
-
-def uniform_config(tcfg: dict, d: int, depth: int, heads: int, mlp: int, num_classes: int = 1) -> dict:
-    return shape_config(tcfg, d, [{"num_heads": heads, "mlp_hidden": mlp}] * depth, num_classes)
-
-
-def vit_params(cfg: dict) -> int:
-    """Parameters a device runs (local classifier left out); equals `SubViT(cfg).num_params()`."""
-    d, D, P = cfg["embed_dim"], cfg["head_dim"], cfg["num_prefix_tokens"]
-    ph, pw = cfg["patch_size"]
-    n_pos = num_tokens(cfg) - (P if cfg["no_embed_class"] else 0)
-    n = d * cfg["in_chans"] * ph * pw + (d if cfg["patch_bias"] else 0)
-    n += P * d + n_pos * d + (2 * d if cfg["pre_norm"] else 0) + 2 * d
-    for b in cfg["blocks"]:
-        a, m = b["num_heads"] * D, b["mlp_hidden"]
-        n += 2 * d + 3 * a * d + (3 * a if cfg["qkv_bias"] else 0) + a * d + d  # norm1, qkv, proj
-        n += 2 * d + m * d + m + m * d + d  # norm2, fc1, fc2
-        n += 2 * d if cfg["layer_scale"] else 0  # ls1, ls2 gammas
-    return int(n)
-
-
-def describe_shape(cfg: dict) -> str:
-    """'d192 L12 h3 m768', with ranges where blocks differ."""
-
-    def rng(vals):
-        return str(vals[0]) if min(vals) == max(vals) else f"{min(vals)}-{max(vals)}"
-
-    bl = cfg["blocks"]
-    return f"d{cfg['embed_dim']} L{len(bl)} h{rng([b['num_heads'] for b in bl])} m{rng([b['mlp_hidden'] for b in bl])}"
 
 
 def _dims(limit: int) -> list[int]:
@@ -541,37 +503,3 @@ def decompose(
     p = next(teacher.parameters())
     return model.to(device=p.device, dtype=p.dtype if p.dtype.is_floating_point else None)
 
-
-# ---------------------------------------------------------------------------
-# Reporting
-# ---------------------------------------------------------------------------
-
-
-def _fmt_count(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n))
-
-
-def summary_table(model: DeViT, max_classes: int = 6) -> str:
-    """A text table: one row per device (classes, shape, params, FLOPs, share of the teacher's FLOPs)."""
-    tf = model.meta.get("teacher_flops")
-    rows = [("device", "classes", "shape", "params", "FLOPs", "% teacher")]
-    for i, (m, g) in enumerate(zip(model.submodels, model.class_groups)):
-        shown = ",".join(map(str, g[:max_classes])) + (",..." if len(g) > max_classes else "")
-        f = m.flops()
-        rows.append((str(i), f"{len(g)}: {shown}", describe_shape(m.cfg), _fmt_count(m.num_params()),
-                     _fmt_count(f), f"{100 * f / tf:.1f}" if tf else "-"))
-    ff = model.fusion_flops()
-    fp = sum(p.numel() for p in model.fusion.parameters())
-    rows.append(("fusion", str(model.num_classes), f"{sum(model.widths)}->{model.meta.get('teacher_dim')}->{model.num_classes}",
-                 _fmt_count(fp), _fmt_count(ff), f"{100 * ff / tf:.1f}" if tf else "-"))
-    tot = sum(model.flops()) + ff
-    rows.append(("total", "", "", _fmt_count(sum(model.num_params()) + fp), _fmt_count(tot),
-                 f"{100 * tot / tf:.1f}" if tf else "-"))
-    w = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(r[c].ljust(w[c]) if c < 3 else r[c].rjust(w[c]) for c in range(len(r))).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * x for x in w))
-    head = f"{model.meta.get('teacher_name', 'teacher')}: {_fmt_count(tf) if tf else '?'} FLOPs -> {model.num_devices} devices"
-    return head + "\n" + "\n".join(lines)

@@ -63,19 +63,16 @@ def make_teacher(name: str = GPU_TEACHER, num_classes: int = NUM_CLASSES, **kw) 
 
 def build_devit(teacher: nn.Module, shapes: list[dict], seed: int = 0):
     """A DeViT with the given sub-model shapes on `teacher`'s config (random weights)."""
-    from ..model import DeViT, FusionHead, SubViT, teacher_config
+    from ..model import DeViT, FusionHead, SubViT
+    from ..shapes import shape_config, teacher_config
 
     tcfg = teacher_config(teacher)
     torch.manual_seed(seed)
     subs = []
     n = len(shapes)
     for s in shapes:
-        c = dict(tcfg)
-        c.update(
-            embed_dim=int(s["embed_dim"]),
-            blocks=[{"num_heads": int(s["num_heads"]), "mlp_hidden": int(s["mlp_hidden"])}] * int(s["depth"]),
-            num_classes=max(1, tcfg["num_classes"] // n),
-        )
+        blocks = [{"num_heads": int(s["num_heads"]), "mlp_hidden": int(s["mlp_hidden"])}] * int(s["depth"])
+        c = shape_config(tcfg, int(s["embed_dim"]), blocks, max(1, tcfg["num_classes"] // n))
         sub = SubViT(c)
         with torch.no_grad():  # zeros in cls/pos would make every token alike; keep it ViT-like
             sub.cls_token.normal_(std=0.02)
@@ -90,13 +87,10 @@ def build_devit(teacher: nn.Module, shapes: list[dict], seed: int = 0):
 
 def default_cpu_shape(teacher: nn.Module) -> tuple[dict, str]:
     """The sub-model shape the decomposition's default budget gives (40% of the teacher in total)."""
-    from ..model import teacher_config
+    from .. import decomposition as dec
+    from ..shapes import teacher_config
 
     try:
-        import importlib
-
-        dec = importlib.import_module("devit_ext.decomposition")
-
         tcfg = teacher_config(teacher)
         frac = dec.DEFAULT_TOTAL_FRACTION / NUM_DEVICES
         cfg = dec.resolve_budgets(tcfg, NUM_DEVICES, None)[0][0]  # device 0 of the default budgets
@@ -290,7 +284,7 @@ def run(device: str, quick: bool) -> list[Table]:
 
 
 def _run_gpu(quick: bool) -> Table:
-    import devit_ext
+    from ..engines import collaborate
 
     dt = torch.bfloat16
     skip = set(_env_list("DEVIT_E2E_SKIP"))
@@ -326,7 +320,7 @@ def _run_gpu(quick: bool) -> Table:
         stats = {}
 
         def engine(x):
-            out, st = devit_ext.collaborate(model, x, return_stats=True)
+            out, st = collaborate(model, x, return_stats=True)
             stats["st"] = st
             return out
 
@@ -338,7 +332,7 @@ def _run_gpu(quick: bool) -> Table:
         if "compile" not in skip:
 
             def engine_compiled(x):
-                out, st = devit_ext.collaborate(model, x, compile=True, return_stats=True)
+                out, st = collaborate(model, x, compile=True, return_stats=True)
                 stats["st"] = st
                 return out
 
@@ -351,14 +345,14 @@ def _run_gpu(quick: bool) -> Table:
 
 
 def _run_cpu(quick: bool) -> Table:
-    import devit_ext
+    from ..engines import collaborate
 
     skip = set(_env_list("DEVIT_E2E_SKIP"))
     batches = [int(b) for b in _env_list("DEVIT_E2E_BATCHES")] or ([8] if quick else [1, 8])
     teacher = make_teacher(CPU_TEACHER)
     shape, how = default_cpu_shape(teacher)
     model = build_devit(teacher, [shape] * NUM_DEVICES)
-    from ..model import vit_flops, teacher_config
+    from ..shapes import teacher_config, vit_flops
 
     frac = sum(model.flops()) / vit_flops(teacher_config(teacher))
     title = (f"e2e cpu: {CPU_TEACHER} (224 px) vs {NUM_DEVICES}x(d={shape['embed_dim']},H={shape['num_heads']},"
@@ -370,12 +364,12 @@ def _run_cpu(quick: bool) -> Table:
     st_box: dict = {}
 
     def engine(x):
-        out, st = devit_ext.collaborate(model, x, return_stats=True)
+        out, st = collaborate(model, x, return_stats=True)
         st_box["st"] = st
         return out
 
     def dist(x):
-        out, st = devit_ext.collaborate(model, x, engine="distributed", spawn=True, timeout=60.0, return_stats=True)
+        out, st = collaborate(model, x, engine="distributed", spawn=True, timeout=60.0, return_stats=True)
         st_box["dist"] = st
         return out
 
