@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .protocol import fused_logits
 from .shapes import num_tokens, summary_table, teacher_config, vit_flops  # noqa: F401 - teacher_config: used via devit_ext.model
 
 FORMAT_VERSION = 1
@@ -168,7 +169,7 @@ class SubViT(nn.Module):
 
 
 class FusionHead(nn.Module):
-    """concat(tokens) -> Linear(sum widths -> d_T) -> Linear(d_T -> C), no non-linearity (METHOD.md).
+    """concat(tokens) -> Linear(sum widths -> d_T) -> Linear(d_T -> C), no non-linearity (the paper's fusion).
 
     With distillation tokens a second branch fuses those and the two logit sets
     are averaged.
@@ -198,9 +199,7 @@ class FusionHead(nn.Module):
         return [self.map(cat)]
 
     def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
-        hs = self.mapped(tokens)
-        logits = [cls(h) for h, (_, cls) in zip(hs, self.branches())]
-        return logits[0] if len(logits) == 1 else (logits[0] + logits[1]) / 2
+        return fused_logits(self, self.mapped(tokens))
 
 
 class DeViT(nn.Module):

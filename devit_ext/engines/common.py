@@ -11,8 +11,8 @@ Contract between `collaborate` (engines/__init__.py) and an engine:
   (x - mean) / std; float is taken as already normalised).
 - An engine returns `(logits float32 (B, C), Stats)`; `collaborate` drops the
   stats unless `return_stats=True`.
-- `message_bytes(width, transfer, tokens)` is the size of one device's message
-  per image, the same number the wire format must produce.
+- What a device sends, its size (`message_bytes`, re-exported here for the
+  engines' stats) and how it is fused are `devit_ext.protocol`'s.
 - `devit_ext.ops.op_paths(device, ...)` says which implementation of each devit op
   runs (native C++/CUDA, Triton, or the pure-torch reference): no silent fallbacks.
 """
@@ -24,8 +24,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ..protocol import TRANSFERS, check_transfer, message_bytes, tokens_per_image  # noqa: F401 - re-exported for the engines
+
 ENGINES = ("local", "distributed")
-TRANSFERS = ("int8", "fp16", "fp32")
 FLOAT_IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # ---------------------------------------------------------------------------
@@ -47,8 +48,7 @@ def check_model(model) -> None:
 def check_args(*, engine, transfer, batch_size, timeout, degrade) -> None:
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
-    if transfer not in TRANSFERS:
-        raise ValueError(f"transfer: expected one of {TRANSFERS}, got {transfer!r}")
+    check_transfer(transfer)
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected None or a positive int, got {batch_size!r}")
@@ -172,32 +172,6 @@ def micro_batches(n: int, batch_size: int | None) -> list[tuple[int, int]]:
     if batch_size is None or batch_size >= n:
         return [(0, n)]
     return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-
-
-# ---------------------------------------------------------------------------
-# Messages
-# ---------------------------------------------------------------------------
-
-
-def tokens_per_image(model) -> int:
-    """Tokens a device sends per image: the class token, plus the distillation token for DeiT."""
-    return 2 if model.distilled else 1
-
-
-def message_bytes(width: int, transfer: str, tokens: int = 1) -> int:
-    """Payload bytes per image of one device's message (header excluded).
-
-    int8: d int8 values + one fp32 scale per token (d + 4); fp16: 2d; fp32: 4d.
-    """
-    if transfer == "int8":
-        per = int(width) + 4
-    elif transfer == "fp16":
-        per = 2 * int(width)
-    elif transfer == "fp32":
-        per = 4 * int(width)
-    else:
-        raise ValueError(f"transfer: expected one of {TRANSFERS}, got {transfer!r}")
-    return per * int(tokens)
 
 
 # ---------------------------------------------------------------------------

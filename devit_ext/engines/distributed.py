@@ -59,9 +59,8 @@ import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .. import ops, wire
+from .. import ops, protocol, wire
 from . import _proto, common
 
 ENGINE_OPTS = ("init_method", "world_size", "spawn", "backend", "threads", "worker_device", "rendezvous_timeout",
@@ -577,7 +576,7 @@ def _run_batches(model, s: _Session, images, *, transfer, batch_size, timeout, d
     n_dev = s.num_devices
     tokens = s.tokens
     widths = s.widths
-    if widths != model.widths or any(t != (2 if model.distilled else 1) for t in tokens):
+    if widths != model.widths or any(t != protocol.tokens_per_image(model) for t in tokens):
         raise DistributedError(f"distributed: the workers send widths {widths} x tokens {tokens}, the model has {model.widths}")
     T = tokens[0]
     raw = images.detach()
@@ -588,9 +587,6 @@ def _run_batches(model, s: _Session, images, *, transfer, batch_size, timeout, d
     img_code = _proto.IMAGE_CODES[raw.dtype]
     tcode = wire.TRANSFERS[transfer]
     ccode = _proto.COMPUTE_CODES[wdtype]
-    offsets = [0]
-    for w in widths:
-        offsets.append(offsets[-1] + w)
     missing: dict[int, str] = dict(s.dead)
     if len(missing) == n_dev:
         raise DeviceError(f"distributed: every device is lost ({'; '.join(missing.values())})", sorted(missing))
@@ -660,7 +656,7 @@ def _run_batches(model, s: _Session, images, *, transfer, batch_size, timeout, d
         if not msgs:
             raise DeviceError(f"distributed: no device answered micro-batch {k} ({'; '.join(missing.values())})", sorted(missing))
         t0 = time.perf_counter()
-        outs.append(_fuse(model, msgs, entry["n"], T, widths, offsets, transfer, dev))
+        outs.append(_fuse(model, msgs, widths, dev))
         fusion_s += time.perf_counter() - t0
 
     logits = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
@@ -670,7 +666,7 @@ def _run_batches(model, s: _Session, images, *, transfer, batch_size, timeout, d
         num_images=int(raw.shape[0]), num_devices=n_dev, micro_batches=len(chunks),
         compute_s=max((compute[i] for i in range(n_dev) if i not in missing), default=0.0),
         device_compute_s=[None if i in missing else compute[i] for i in range(n_dev)],
-        transfer_bytes_per_image=[common.message_bytes(widths[i], transfer, T) for i in range(n_dev)],
+        transfer_bytes_per_image=[protocol.message_bytes(widths[i], transfer, T) for i in range(n_dev)],
         transfer_s=[None if i in missing else wire_t[i] for i in range(n_dev)],
         fusion_s=fusion_s,
         op_paths=ops.op_paths(dev, ("ensemble_fusion",) if transfer == "int8" else ()),
@@ -689,32 +685,8 @@ def _run_batches(model, s: _Session, images, *, transfer, batch_size, timeout, d
     return logits, stats
 
 
-def _fuse(model, msgs: dict, B: int, T: int, widths, offsets, transfer: str, dev) -> torch.Tensor:
+def _fuse(model, msgs: dict, widths, dev) -> torch.Tensor:
     """Messages -> logits (B, C) float32: the fusion head, zeros for missing devices."""
-    branches = model.fusion.branches()
-    total = offsets[-1]
     with torch.inference_mode():
-        if transfer == "int8":
-            q = torch.zeros(B, T, total, dtype=torch.int8)
-            sc = torch.zeros(B, T, len(widths), dtype=torch.float32)
-            for i, m in msgs.items():
-                q[:, :, offsets[i] : offsets[i + 1]] = m.q
-                sc[:, :, i] = m.scales
-            q, sc = q.to(dev), sc.to(dev)
-            fuse = ops.ensemble_fusion
-            out = [
-                fuse(q[:, t].contiguous(), sc[:, t].contiguous(), list(widths), mp.weight, mp.bias, hd.weight, hd.bias)
-                for t, (mp, hd) in enumerate(branches)
-            ]
-        else:
-            x = torch.zeros(B, T, total, dtype=torch.float32)
-            for i, m in msgs.items():
-                x[:, :, offsets[i] : offsets[i + 1]] = m.tokens.float()
-            x = x.to(dev)
-            out = [
-                F.linear(F.linear(x[:, t], mp.weight.float(), None if mp.bias is None else mp.bias.float()),
-                         hd.weight.float(), None if hd.bias is None else hd.bias.float())
-                for t, (mp, hd) in enumerate(branches)
-            ]
-        logits = out[0] if len(out) == 1 else (out[0] + out[1]) / 2
-        return logits.float()
+        ordered = [msgs[i].token_message().to(dev) if i in msgs else None for i in range(len(widths))]
+        return protocol.fuse(ordered, protocol.branches(model.fusion), widths)
