@@ -2,10 +2,12 @@
 
 Contract between `collaborate` (engines/__init__.py) and an engine:
 
-- `collaborate` runs `check_args(...)` and `check_images(model, images)` before
-  anything else, so every engine receives validated, *raw* images (uint8 or
+- `collaborate` runs `resolve_request(...)` (model, arguments, images, device,
+  dtype) before anything else and hands the `Request` to the engine, which
+  trusts it; every engine thus receives validated, *raw* images (uint8 or
   float exactly as the caller gave them; a distributed engine can send uint8 on
-  the wire as is).
+  the wire as is). `engines.distributed.run`, also callable on its own, builds
+  the same `Request` when it is not given one.
 - An engine turns raw images into the model's input with
   `normalise_images(model, images, dtype=..., device=...)` (uint8 -> /255 ->
   (x - mean) / std; float is taken as already normalised).
@@ -62,7 +64,32 @@ def check_args(*, engine, transfer, batch_size, timeout, degrade) -> None:
         raise TypeError(f"degrade: expected a bool, got {type(degrade).__name__}")
 
 
-def resolve_device(model, images: torch.Tensor, device) -> torch.device:
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A `collaborate` call's arguments, checked and resolved once; engines trust it."""
+
+    engine: str
+    transfer: str
+    batch_size: int | None
+    timeout: float
+    degrade: bool
+    device: torch.device  # where the sub-models (local) or the fusion (distributed) run
+    dtype: torch.dtype  # compute dtype on `device`
+    dtype_arg: Any  # the caller's dtype (checked), for engines that compute on other devices
+    image_kind: str  # "uint8" (raw pixels: normalised by the engine) or "float" (normalised)
+
+
+def resolve_request(model, images, *, engine: str, transfer, batch_size, timeout, degrade, device=None,
+                    dtype=None) -> Request:
+    """Every check of a call, before any work: model, arguments, images, device and dtype."""
+    check_model(model)
+    check_args(engine=engine, transfer=transfer, batch_size=batch_size, timeout=timeout, degrade=degrade)
+    kind = check_images(model, images)
+    dev = compute_device(model, images, device)
+    return Request(engine, transfer, batch_size, float(timeout), degrade, dev, resolve_dtype(dtype, dev), dtype, kind)
+
+
+def compute_device(model, images: torch.Tensor, device) -> torch.device:
     """`device` if given, else the model's parameter device (images are moved there)."""
     if device is not None:
         dev = torch.device(device)

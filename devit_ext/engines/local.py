@@ -187,11 +187,10 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int | None = None, timeout: float = 30.0,
-        degrade: bool = False, device=None, dtype=None, return_stats: bool = True, **opts):
-    """Validated raw images -> (logits float32 (B, C) on the images' device, Stats or None)."""
-    dev = common.resolve_device(model, images, device)
-    dt = common.resolve_dtype(dtype, dev)
+def run(model, images: torch.Tensor, request: common.Request, *, return_stats: bool = True, **opts):
+    """Raw images, checked with `request` by `collaborate` -> (logits float32 (B, C) on the images'
+    device, Stats or None)."""
+    dev, dt, transfer, batch_size = request.device, request.dtype, request.transfer, request.batch_size
     t_start = time.perf_counter()
     eng = get_engine(model, dev, dt, transfer, opts)
     timing = {"compute_s": 0.0, "fusion_s": 0.0, "events": []} if return_stats else None
@@ -237,6 +236,6 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
             "homogeneous": eng.sender.homogeneous,
         },
     )
-    if degrade:
+    if request.degrade:
         stats.notes.append("degrade=True has no effect locally: every device is in this process")
     return logits, stats.finish(latency)
