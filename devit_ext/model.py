@@ -154,6 +154,10 @@ class SubViT(nn.Module):
         z, zd = self.forward_head(self.forward_tokens(x))
         return z if not self.distilled else (z + zd) / 2
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters an optimizer should not decay (timm's convention: tokens and position embedding)."""
+        return {"pos_embed", "cls_token", "dist_token"}
+
     def flops(self) -> int:
         return vit_flops(self.cfg)
 
@@ -311,8 +315,14 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-class CheckpointError(ValueError):
-    """A saved DeViT that is missing, truncated, edited or does not match its config."""
+class ModelFileError(ValueError):
+    """A saved DeViT (`DeViT.save`) that is missing, truncated, edited or does not match its config.
+
+    Not to be confused with training checkpoints (`devit_ext.checkpoint`, resuming a run).
+    """
+
+
+CheckpointError = ModelFileError  # the name this error had before; kept so existing `except` clauses work
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DeViT:
@@ -324,37 +334,37 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> D
     cfg_path, w_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
-            raise CheckpointError(f"path: {path!r} is not a saved DeViT (missing {os.path.basename(p)})")
+            raise ModelFileError(f"path: {path!r} is not a saved DeViT (missing {os.path.basename(p)})")
     try:
         with open(cfg_path) as f:
             cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"path: {cfg_path} is not valid JSON ({e})") from None
+        raise ModelFileError(f"path: {cfg_path} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or cfg.get("format_version") != FORMAT_VERSION:
         got = cfg.get("format_version") if isinstance(cfg, dict) else None
-        raise CheckpointError(f"path: {cfg_path} has format_version {got!r}, expected {FORMAT_VERSION}")
+        raise ModelFileError(f"path: {cfg_path} has format_version {got!r}, expected {FORMAT_VERSION}")
     try:
         model = DeViT.from_config(cfg)
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"path: {cfg_path} does not describe a DeViT ({type(e).__name__}: {e})") from None
+        raise ModelFileError(f"path: {cfg_path} does not describe a DeViT ({type(e).__name__}: {e})") from None
     try:
         state = load_file(w_path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"path: {w_path} is corrupt or truncated ({e})") from None
+        raise ModelFileError(f"path: {w_path} is corrupt or truncated ({e})") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
-        raise CheckpointError(
+        raise ModelFileError(
             f"path: weights do not match the config (missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''})"
         )
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"path: tensor {k} has shape {tuple(state[k].shape)}, config implies {tuple(v.shape)}")
+            raise ModelFileError(f"path: tensor {k} has shape {tuple(state[k].shape)}, config implies {tuple(v.shape)}")
     digest = state_hash(state)
     if digest != cfg.get("content_hash"):
-        raise CheckpointError(
+        raise ModelFileError(
             f"path: content hash mismatch (config says {str(cfg.get('content_hash'))[:12]}, weights hash to {digest[:12]}): "
             "the files were edited or come from different saves"
         )
