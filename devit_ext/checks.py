@@ -8,6 +8,7 @@ the kernels' inner launch functions and the C++/CUDA code trust their inputs.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,16 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the dtype codes of csrc/dtype.h (the native module exports the same table as _C.DTYPE_CODES)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 HEAD_DIMS = (16, 32, 64, 128)  # head widths the attention kernel is built for
+
+
+def is_number(x) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def is_int(x) -> bool:
+    """An integer that is not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def check_tensor(name: str, t, *, dtypes=None, min_dim: int = 0, dim: int | None = None) -> None:

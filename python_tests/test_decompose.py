@@ -13,7 +13,8 @@ timm = pytest.importorskip("timm")
 import devit_ext
 from devit_ext import importance as imp
 from devit_ext import partition as part
-from devit_ext.decomposition import choose_units, decompose, search_shape
+from devit_ext.budgets import search_shape
+from devit_ext.decomposition import choose_units, decompose
 from devit_ext.model import CheckpointError, SubViT, load
 from devit_ext.shapes import describe_shape, summary_table, teacher_config, uniform_config, vit_flops, vit_params
 

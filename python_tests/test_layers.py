@@ -24,7 +24,7 @@ LAYERS = [
     ("ground: ops", ["devit_ext.ops"]),
     ("ground: protocol", ["devit_ext.protocol", "devit_ext.wire"]),
     ("model", ["devit_ext.model"]),
-    ("methods", ["devit_ext.decomposition", "devit_ext.importance", "devit_ext.partition", "devit_ext.data",
+    ("methods", ["devit_ext.budgets", "devit_ext.decomposition", "devit_ext.importance", "devit_ext.partition", "devit_ext.data",
                  "devit_ext._trainutil", "devit_ext.checkpoint", "devit_ext.teacher", "devit_ext.dekd",
                  "devit_ext.training", "devit_ext.engines"]),
     ("top", ["devit_ext.evaluate", "devit_ext.export", "devit_ext.cli", "devit_ext.demo", "devit_ext.bench"]),

@@ -86,7 +86,7 @@ def build_devit(teacher: nn.Module, shapes: list[dict], seed: int = 0):
 
 def default_cpu_shape(teacher: nn.Module) -> tuple[dict, str]:
     """The sub-model shape the decomposition's default budget gives (40% of the teacher in total)."""
-    from .. import decomposition as dec
+    from .. import budgets as dec
     from ..shapes import teacher_config
 
     tcfg = teacher_config(teacher)
