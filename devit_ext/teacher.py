@@ -275,16 +275,6 @@ def _restore(loaded, ckdir, settings, teacher, opt, sched, steps_per_epoch, ema)
     return start, float(st["best_val"]), prefixed(tensors, "best") or None, list(st["history"])
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device=None, batch_size: int = 500) -> float:
-    dev = U.resolve_device(device) if device is not None else next(model.parameters()).device
-    was = model.training
-    model.eval()
-    logits = U.predict(model, x, batch_size, dev)
-    model.train(was)
-    return float((logits.argmax(-1) == y).float().mean())
-
-
 def save_teacher(teacher: nn.Module, path, extra: dict | None = None) -> None:
     """`path/teacher.safetensors` + `path/teacher.json` (constructor kwargs of `build_teacher`, plus `extra`)."""
     from safetensors.torch import save_file

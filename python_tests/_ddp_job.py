@@ -16,7 +16,7 @@ import torch
 
 import devit_ext
 from devit_ext import data as D
-from devit_ext.dekd import evaluate
+from devit_ext.evaluate import accuracy
 from devit_ext.teacher import load_teacher
 
 EPOCHS = (4, 6)
@@ -45,7 +45,7 @@ def main(argv):
                                 out_dir=out_dir, resume="--resume" in flags, progress=False, callback=callback,
                                 dist_timeout=60)
     if rank == 0:
-        acc = evaluate(model, splits.test, transfer="int8")
+        acc = accuracy(model, splits.test, transfer="int8")
         with open(result, "w") as f:
             json.dump({"acc": acc, "world_size": hist["settings"]["world_size"],
                        "epochs": {s: len(hist[s]) for s in ("distill", "ensemble")}}, f)

@@ -13,7 +13,7 @@ import torch
 
 from ..training import common as U
 from ..training.source import check_batch
-from .fused import fused_forward
+from ..protocol import fused_forward
 from .losses import QKVCapture, head_dim
 from .steps import distill_loss, drop_mask, ensemble_loss, teacher_targets
 

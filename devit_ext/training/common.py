@@ -83,13 +83,3 @@ def param_groups(modules, weight_decay: float) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
-
-
-@torch.no_grad()
-def predict(fn, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Concatenated fn(batch) over x in batches, on CPU, fp32."""
-    outs = []
-    for i in range(0, x.shape[0], batch_size):
-        with autocast(device):
-            outs.append(fn(x[i : i + batch_size].to(device)).float().cpu())
-    return torch.cat(outs)
