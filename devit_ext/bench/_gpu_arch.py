@@ -90,7 +90,8 @@ def occupancy(arch: int, registers: int, threads: int, shared_bytes: int) -> dic
         by_shared = lim.shared_per_sm // per_block
     blocks = min(by_warps, by_regs, by_shared)
     candidates = {"registers": by_regs, "shared memory": by_shared, "warps/blocks per SM": by_warps}
-    limiter = min(candidates, key=lambda k: (candidates[k], k != "registers"))
+    order = ("warps/blocks per SM", "registers", "shared memory")  # on a tie, the hardware cap is the limit
+    limiter = min(candidates, key=lambda k: (candidates[k], order.index(k)))
     return {
         "blocks_per_sm": blocks,
         "warps_per_sm": blocks * warps,
