@@ -94,7 +94,9 @@ def rows(archs, timeout: float = 300) -> list[dict]:
             try:
                 log, _ = p.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                p.kill()
+                for _, q in procs.values():  # none may outlive the temporary folder
+                    q.kill()
+                    q.wait()
                 raise RuntimeError(f"nvcc for sm_{arch} ran past {timeout} s") from None
             if p.returncode != 0:
                 raise RuntimeError(f"nvcc for sm_{arch} failed ({p.returncode}):\n{log[-2000:]}")
