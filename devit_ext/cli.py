@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module, help); each module has add_arguments(parser) and run(args) -> int
@@ -78,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(module.run(args) or 0)
-    except (RunError, CheckpointError, ExportError) as e:
+    except (RunError, CheckpointError, ExportError, ValueError) as e:
+        # library errors name their argument; a traceback would bury the message (DEVIT_EXT_TRACEBACK=1 shows it)
+        if os.environ.get("DEVIT_EXT_TRACEBACK") == "1":
+            raise
         print(f"devit-ext {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -147,10 +147,10 @@ def _read_state(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(
-            f"{flag}: {path} cannot be loaded with torch.load(weights_only=True) ({first}); it is a pickle of "
-            "Python objects, which is never unpickled here. Save the weights with "
+            f"{flag}: {path} cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}): it is "
+            "not a safetensors file and holds Python objects beyond tensors, which are never unpickled here. "
+            "Save the weights with "
             "safetensors.torch.save_file(model.state_dict(), 'teacher.safetensors') or "
             "torch.save(model.state_dict(), 'teacher.pth')"
         ) from None
