@@ -77,6 +77,7 @@ class ImageFolderData(Dataset):
         self.folder = folder
         self.classes = folder.classes
         self.samples = folder.samples
+        self.targets = [label for _, label in folder.samples]  # as torchvision: labels without decoding images
         self.transform = transform
         self.mode = "L" if in_chans == 1 else "RGB"
         if in_chans not in (1, 3):

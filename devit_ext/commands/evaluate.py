@@ -65,7 +65,7 @@ def _predict(fn, x, batch_size, device) -> torch.Tensor:
 
 def topk(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
     k = min(k, logits.shape[-1])
-    return float((logits.topk(k, dim=-1).indices == y[:, None]).any(-1).float().mean())
+    return int((logits.topk(k, dim=-1).indices == y[:, None]).any(-1).sum()) / len(y)
 
 
 @torch.inference_mode()
@@ -101,7 +101,7 @@ def run(args) -> int:
     positive("max_subsets", args.max_subsets)
     positive("latency_repeats", args.latency_repeats)
     positive("latency_batch", args.latency_batch)
-    from .._trainutil import resolve_device
+    from ..training.common import resolve_device
 
     dev = resolve_device(args.device)
     rec = R.read_run(args.run)
@@ -138,7 +138,7 @@ def run(args) -> int:
         keep = lut[y] >= 0
         acc = None
         if bool(keep.any()):
-            acc = float((_predict(sub, x[keep], bs, dev).argmax(-1) == lut[y[keep]]).float().mean())
+            acc = int((_predict(sub, x[keep], bs, dev).argmax(-1) == lut[y[keep]]).sum()) / int(keep.sum())
         devices.append({"device": i, "classes": g, "class_names": [ds.classes[c] for c in g],
                         "own_classes_top1": acc, "own_classes_images": int(keep.sum()),
                         "params": int(sub.num_params()), "flops": int(sub.flops()),

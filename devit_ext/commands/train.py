@@ -11,7 +11,6 @@ the batch-level parts of that recipe are train_dekd's.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 
 from .. import run_dir as R
@@ -30,8 +29,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", nargs="+", type=float, default=None, metavar="LR", help="one value, or one per stage")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes per training process (default: from the CPU count)")
     p.add_argument("--seed", type=int, default=0)
+    # recipe overrides, named as in timm's train.py (None: the recipe's value)
+    p.add_argument("--mixup", type=float, default=None, help="mixup alpha (deit: 0.8)")
+    p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (deit: 1.0)")
+    p.add_argument("--smoothing", type=float, default=None, help="label smoothing (deit: 0.1)")
+    p.add_argument("--model-ema-decay", type=float, default=None, help="weight EMA decay (0: off)")
+    p.add_argument("--accum-steps", type=int, default=None, help="gradient accumulation steps")
+    p.add_argument("--device-dropout", type=float, default=0.0,
+                   help="probability of zeroing a device's token in stage 4 (robustness to missing devices)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints (same settings required)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_flag(p)
@@ -53,17 +61,8 @@ def run(args) -> int:
     positive("batch_size", args.batch_size)
     epochs = _per_stage("epochs", args.epochs)
     lr = _per_stage("lr", args.lr)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    params = inspect.signature(train_dekd).parameters
-    extra = {}
-    if args.recipe != "light" or "recipe" in params:
-        if "recipe" not in params:
-            raise RunError("--recipe deit: this install's train_dekd has no recipe parameter (only 'light' trains here)")
-        extra["recipe"] = args.recipe
-    if world > 1 and "recipe" not in params:
-        # the data-parallel train_dekd arrives with the recipe parameter; before it, K processes
-        # would each train the whole model and write RUN at the same time
-        raise RunError(f"torchrun: WORLD_SIZE={world}, but this install's train_dekd trains in one process only")
+    if args.workers is not None and args.workers < 0:
+        raise RunError(f"--workers: expected >= 0, got {args.workers}")
 
     rec = R.read_run(args.run)
     model = R.load_model(args.run, "decomposed")
@@ -78,9 +77,15 @@ def run(args) -> int:
 
     if int(os.environ.get("RANK", "0")) == 0:
         R.write_args(args.run, "train", settings(args))
+    # under torchrun (WORLD_SIZE > 1) train_dekd joins the process group and trains data-parallel; rank 0 writes RUN
     hist = train_dekd(model, teacher, train_ds, val_ds, epochs=epochs, lr=lr, batch_size=args.batch_size,
                       device=args.device, out_dir=args.run, resume=args.resume, seed=args.seed,
-                      progress=not args.no_progress, **extra)
+                      recipe=args.recipe, mixup=args.mixup, cutmix=args.cutmix, label_smoothing=args.smoothing,
+                      ema_decay=args.model_ema_decay, accum_steps=args.accum_steps,
+                      device_dropout=args.device_dropout, loader_opts=None if args.workers is None else {"num_workers": args.workers},
+                      progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     best = {s: v for s, v in hist.get("best", {}).items()}
     print(f"train: wrote {os.path.join(args.run, R.MODEL_DIR)}" + (f" (best val: {best})" if best else ""))
     return 0
