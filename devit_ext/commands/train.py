@@ -53,6 +53,13 @@ def _per_stage(name: str, values):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def _loader_opts(workers):
+    if workers is None:
+        return None  # train_dekd's default: workers from the CPU count
+    # prefetch_factor only exists with workers; the trainer's defaults may carry one
+    return {"num_workers": workers} if workers else {"num_workers": 0, "prefetch_factor": None}
+
+
 def run(args) -> int:
     from ..dekd import train_dekd
     from ..imagefolder import load_split
@@ -82,7 +89,7 @@ def run(args) -> int:
                       device=args.device, out_dir=args.run, resume=args.resume, seed=args.seed,
                       recipe=args.recipe, mixup=args.mixup, cutmix=args.cutmix, label_smoothing=args.smoothing,
                       ema_decay=args.model_ema_decay, accum_steps=args.accum_steps,
-                      device_dropout=args.device_dropout, loader_opts=None if args.workers is None else {"num_workers": args.workers},
+                      device_dropout=args.device_dropout, loader_opts=_loader_opts(args.workers),
                       progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
