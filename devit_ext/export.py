@@ -167,6 +167,7 @@ def export_model(model, out_dir: str, fmt: str, *, opset: int = DEFAULT_OPSET, p
                    "note": "device tokens concatenated in device order on the last axis; zeros for a missing device"},
         "tokens_per_device": T,
         "content_hash": model.content_hash(),
+        "wire": wire_spec(model.content_hash()),
     }
 
 
@@ -229,3 +230,35 @@ def token_message(token: Sequence[float]):
     q = np.clip(np.round(x / safe[..., None]), -127, 127)
     q = np.where((scale > 0)[..., None], q, 0).astype(np.int8)
     return scale.astype(np.float32), q
+
+
+def wire_spec(content_hash: str) -> dict:
+    """What a device needs to build its int8 message without torch (see `device_message`, devit_ext/wire.py)."""
+    from . import wire
+
+    return {"header_struct": wire._HEADER.format, "header_size": wire.HEADER_SIZE, "magic": wire.MAGIC.decode(),
+            "version": wire.VERSION, "kind_tokens": wire.KIND_TOKENS, "transfer_int8": wire.TRANSFERS["int8"],
+            "model_hash16": wire.hash_bytes(content_hash).hex(),
+            "payload": "scales float32 (B, T) then q int8 (B, T, d), little-endian"}
+
+
+def device_message(spec: dict, token, device: int, batch_id: int, compute_s: float = 0.0) -> bytes:
+    """A device's int8 message (header + payload) from its exported program's output, numpy and struct only.
+
+    spec: manifest["wire"]; token: (B, d) or (B, T, d) float32. The bytes equal
+    devit_ext.wire.encode(...) of devit_ext.ops.quantize_int8(token), so the aggregator decodes them.
+    """
+    import struct
+
+    import numpy as np
+
+    t = np.asarray(token, dtype=np.float32)
+    if t.ndim == 2:
+        t = t[:, None, :]
+    B, T, d = t.shape
+    scales, q = token_message(t)
+    payload = scales.astype("<f4").tobytes() + q.tobytes()
+    head = struct.pack(spec["header_struct"], spec["magic"].encode(), spec["version"], spec["kind_tokens"],
+                       spec["transfer_int8"], bytes.fromhex(spec["model_hash16"]), device, T, d, batch_id, B,
+                       len(payload), float(compute_s))
+    return head + payload

@@ -41,6 +41,24 @@ def test_token_message_is_quantize_int8_byte_for_byte():
     assert s.numpy().tobytes() == s2.tobytes() and q.numpy().tobytes() == q2.tobytes()
 
 
+def test_device_message_is_what_the_aggregator_decodes():
+    from devit_ext import wire
+    from devit_ext.export import device_message, wire_spec
+    from devit_ext.ops import quantize_int8
+
+    m = _model(distilled=True)
+    spec = wire_spec(m.content_hash())
+    with torch.no_grad():
+        tok = m.submodels[1].forward_tokens(torch.randn(3, 1, 8, 8))  # (3, 2, d)
+    msg = device_message(spec, tok.numpy(), device=1, batch_id=7)
+    q, s = quantize_int8(tok)
+    ref = wire.encode(m.content_hash(), 1, 7, q=q, scales=s)
+    assert msg == ref.numpy().tobytes()
+    dec = wire.decode(torch.frombuffer(bytearray(msg), dtype=torch.uint8), expected_hash=m.content_hash(), device=1)
+    assert dec.batch_id == 7 and torch.allclose(dec.dequantized(), tok, atol=float(s.max()))
+
+
+@pytest.mark.slow
 def test_onnx_export_of_a_distilled_model_passes_parity(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
