@@ -3,8 +3,8 @@
 Left: top-1 vs FLOPs per image (log scale) for the teacher, each device (on its
 own classes) and DeViT with fp32 / int8 tokens. Right: top-1 vs number of
 missing devices (mean over subsets, min-max bars). Legends sit outside the
-axes, so none hides a point; points that share a place (fp32 and int8 DeViT)
-use a hollow and a filled marker so both stay visible.
+axes, so none hides a point; points that share a place (fp32 and int8 DeViT, equal devices)
+are drawn as a hollow and a filled marker, or as concentric discs, so all stay visible.
 """
 from __future__ import annotations
 
@@ -24,15 +24,18 @@ def plot_evaluation(out: dict, path: str) -> None:
     t = out["teacher"]
     a.scatter([t["flops"]], [100 * t["top1"]], marker="*", s=220, color="black", label=f"teacher {t['name']}", zorder=3)
     cmap = plt.get_cmap("tab10")
+    n = len(out["devices"])
     for d in out["devices"]:
         if d["own_classes_top1"] is not None:
-            a.scatter([d["flops"]], [100 * d["own_classes_top1"]], marker="o", s=50, color=cmap(d["device"] % 10),
-                      label=f"device {d['device']} (own {len(d['classes'])} classes)", zorder=3)
+            # equal devices land on one spot: later ones are drawn smaller and on top, so every ring shows
+            a.scatter([d["flops"]], [100 * d["own_classes_top1"]], marker="o", s=40 + 45 * (n - 1 - d["device"]),
+                      color=cmap(d["device"] % 10), edgecolors="white", linewidths=0.8,
+                      label=f"device {d['device']} (own {len(d['classes'])} classes)", zorder=3 + d["device"] / n)
     f = out["devit"]["flops"]
     a.scatter([f], [100 * out["devit"]["fp32"]["top1"]], marker="s", s=140, facecolors="none", edgecolors="tab:red",
-              linewidths=2, label="DeViT fp32 tokens", zorder=4)
+              linewidths=2, label="DeViT fp32 tokens", zorder=5)
     a.scatter([f], [100 * out["devit"]["int8"]["top1"]], marker="x", s=60, color="tab:blue", linewidths=2,
-              label="DeViT int8 tokens", zorder=5)
+              label="DeViT int8 tokens", zorder=6)
     a.set_xscale("log")
     a.margins(x=0.15, y=0.12)  # the markers at the extremes stay inside the axes
     a.set_xlabel("FLOPs per image (log)")
