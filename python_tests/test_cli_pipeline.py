@@ -97,7 +97,13 @@ def test_evaluate_json_matches_collaborate(run, capsys):
         assert out["devit"][transfer]["top1"] == pytest.approx(acc, abs=1e-9)
     assert out["num_images"] == len(y) == 18
     assert [m["k"] for m in out["missing"]] == [0, 1] and out["missing"][1]["subsets"] == 2
-    assert out["missing"][0]["mean_top1"] == pytest.approx(out["devit"]["int8"]["top1"], abs=1e-9)
+    from devit_ext.dekd import evaluate
+
+    for k, sub in ((0, []), (1, [0]), (1, [1])):
+        assert evaluate(model, (x, y), transfer="int8", missing=sub) == pytest.approx(
+            out["devices"][sub[0]]["top1_without_this_device"] if sub else out["missing"][0]["mean_top1"], abs=1e-9)
+    assert out["missing"][1]["mean_top1"] == pytest.approx(
+        sum(d["top1_without_this_device"] for d in out["devices"]) / 2, abs=1e-9)
     d0 = out["devices"][0]
     assert d0["bytes_per_image"]["int8"] == model.widths[0] + 4 and d0["latency_ms"] > 0
     assert 0 <= d0["own_classes_top1"] <= 1 and d0["class_names"] == [CLASSES[c] for c in d0["classes"]]

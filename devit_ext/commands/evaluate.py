@@ -1,10 +1,12 @@
 """`devit-ext evaluate RUN`: teacher vs DeViT on an ImageFolder split; table, JSON, plot.
 
-Accuracies of DeViT go through `collaborate` (fp32 and int8 tokens); accuracy
-with devices missing through `devit_ext.dekd.evaluate(missing=...)` (zeros in
-place of a missing device's token, as in training with device dropout). Both
-calls sit in `_devit_logits` / `_missing_accuracy` so the evaluation module
-they move to is one edit away.
+One pass over the split, batch by batch (memory holds logits, never the
+images). Accuracies of DeViT go through `collaborate` (fp32 and int8 tokens);
+accuracy with devices missing is the path of `devit_ext.dekd.fused_forward(
+transfer="int8", missing=...)` (zeros in place of a missing device's token, as
+in training with device dropout), with each batch's tokens computed once for
+all subsets. These calls sit in the "evaluation backend" functions below, so
+the evaluation module they move to is one edit away.
 """
 from __future__ import annotations
 
@@ -44,23 +46,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _devit_logits(model, x, transfer: str, batch_size: int, device) -> torch.Tensor:
+    """DeViT's logits on the deployment path."""
     from ..engines import collaborate
 
     return collaborate(model, x, transfer=transfer, batch_size=batch_size, device=device).float().cpu()
 
 
-def _missing_accuracy(model, x, y, missing, batch_size: int, device) -> float:
-    from ..dekd import evaluate
+def _int8_tokens(model, x) -> list[torch.Tensor]:
+    """Each device's token after the int8 round trip: computed once per batch, reused for every missing subset."""
+    from ..dekd import int8_roundtrip
 
-    return evaluate(model, (x, y), transfer="int8", missing=list(missing), batch_size=batch_size, device=device)
+    return [int8_roundtrip(t.float()) for t in model.forward_tokens(x)]
+
+
+def _missing_logits(model, tokens: list[torch.Tensor], missing) -> torch.Tensor:
+    """Fusion with zeros for the `missing` devices: devit_ext.dekd.fused_forward(transfer="int8", missing=...)."""
+    tokens = [torch.zeros_like(t) if i in missing else t for i, t in enumerate(tokens)]
+    return model.fusion(tokens).float().cpu()
+
+
+def _local_logits(sub, token: torch.Tensor) -> torch.Tensor:
+    z, zd = sub.forward_head(token)
+    return (z if not sub.distilled else (z + zd) / 2).float().cpu()
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def _predict(fn, x, batch_size, device) -> torch.Tensor:
-    return torch.cat([fn(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
 
 
 def topk(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
@@ -91,10 +101,8 @@ def _subsets(n: int, k: int, cap: int, seed: int = 0) -> list[tuple[int, ...]]:
 
 
 def run(args) -> int:
-    from tqdm.auto import tqdm
-
     from ..engines.common import message_bytes
-    from ..imagefolder import as_tensors, load_split
+    from ..imagefolder import as_batches, load_split
 
     require(args, "data")
     bs = positive("batch_size", args.batch_size)
@@ -109,64 +117,78 @@ def run(args) -> int:
     ds = load_split(args.data, args.split, rec["data_config"], flag="--split")
     R.check_classes(rec, ds.classes, "--split")
     teacher = R.teacher_from_record(rec["teacher"])
-    x, y = as_tensors(ds, bs, args.workers, desc=f"evaluate: reading {args.split}")
     model.to(dev).eval()
     teacher.to(dev).eval()
+    N, C = model.num_devices, model.num_classes
+    subsets = {k: _subsets(N, k, args.max_subsets) for k in range(N)}
+    every = sorted({s for ss in subsets.values() for s in ss} | {(i,) for i in range(N)})
+    luts = []
+    for g in model.class_groups:
+        lut = torch.full((C,), -1, dtype=torch.long)
+        lut[torch.as_tensor(g)] = torch.arange(len(g))
+        luts.append(lut)
+    logits = {"teacher": [], "fp32": [], "int8": []}
+    ys, first = [], None
+    own_correct, own_count = [0] * N, [0] * N
+    missing_correct = dict.fromkeys(every, 0)
+    # one pass over the split, batch by batch: memory holds logits, never the images
+    with torch.inference_mode():
+        for x, y in as_batches(ds, bs, args.workers, desc=f"evaluate {args.split}"):
+            y = torch.as_tensor(y).long()
+            x = x.to(dev)
+            if first is None:
+                first = x[: args.latency_batch]
+            ys.append(y)
+            logits["teacher"].append(teacher(x).float().cpu())
+            for transfer in ("fp32", "int8"):
+                logits[transfer].append(_devit_logits(model, x, transfer, bs, dev))
+            for i, (sub, tok) in enumerate(zip(model.submodels, model.forward_tokens(x))):
+                keep = luts[i][y] >= 0
+                own_count[i] += int(keep.sum())
+                own_correct[i] += int((_local_logits(sub, tok).argmax(-1)[keep] == luts[i][y][keep]).sum())
+            q = _int8_tokens(model, x)
+            for sset in every:
+                missing_correct[sset] += int((_missing_logits(model, q, sset).argmax(-1) == y).sum())
+    if not ys:
+        raise RunError(f"--split: {ds.folder.root} has no images")
+    y = torch.cat(ys)
+    n = len(y)
+    lg = {k: torch.cat(v) for k, v in logits.items()}
 
     out = {"run": os.path.abspath(args.run), "model": args.model, "model_hash": model.content_hash(),
-           "split": args.split, "num_images": len(y), "classes": ds.classes}
-    N = model.num_devices
-    bar = tqdm(total=4 + 2 * N, desc="evaluate", leave=False)  # teacher, fp32, int8, devices, missing k, latency
-    tl = _predict(teacher, x, bs, dev)
-    bar.update()
-    out["teacher"] = {"name": rec["teacher"]["name"], "top1": topk(tl, y, 1), "top5": topk(tl, y, 5),
-                      "params": int(sum(p.numel() for p in teacher.parameters())),
+           "split": args.split, "num_images": n, "classes": ds.classes}
+    out["teacher"] = {"name": rec["teacher"]["name"], "top1": topk(lg["teacher"], y, 1),
+                      "top5": topk(lg["teacher"], y, 5), "params": int(sum(p.numel() for p in teacher.parameters())),
                       "flops": int(model.meta["teacher_flops"])}
-    out["devit"] = {}
-    for transfer in ("fp32", "int8"):
-        lg = _devit_logits(model, x, transfer, bs, dev)
-        out["devit"][transfer] = {"top1": topk(lg, y, 1), "top5": topk(lg, y, 5)}
-        bar.update()
     fusion_params = int(sum(p.numel() for p in model.fusion.parameters()))
+    out["devit"] = {t: {"top1": topk(lg[t], y, 1), "top5": topk(lg[t], y, 5)} for t in ("fp32", "int8")}
     out["devit"].update(flops=int(sum(model.flops()) + model.fusion_flops()),
                         params=int(sum(model.num_params()) + fusion_params))
     T = 2 if model.distilled else 1
     devices = []
     for i, (sub, g) in enumerate(zip(model.submodels, model.class_groups)):
-        lut = torch.full((model.num_classes,), -1, dtype=torch.long)
-        lut[torch.as_tensor(g)] = torch.arange(len(g))
-        keep = lut[y] >= 0
-        acc = None
-        if bool(keep.any()):
-            acc = int((_predict(sub, x[keep], bs, dev).argmax(-1) == lut[y[keep]]).sum()) / int(keep.sum())
         devices.append({"device": i, "classes": g, "class_names": [ds.classes[c] for c in g],
-                        "own_classes_top1": acc, "own_classes_images": int(keep.sum()),
+                        "own_classes_top1": own_correct[i] / own_count[i] if own_count[i] else None,
+                        "own_classes_images": own_count[i],
+                        "top1_without_this_device": missing_correct[(i,)] / n if N > 1 else None,
                         "params": int(sub.num_params()), "flops": int(sub.flops()),
                         "bytes_per_image": {t: message_bytes(sub.embed_dim, t, T) for t in ("int8", "fp16", "fp32")}})
-        bar.update()
-    missing = []
-    for k in range(N):
-        accs = [_missing_accuracy(model, x, y, s, bs, dev) for s in _subsets(N, k, args.max_subsets)]
-        missing.append({"k": k, "mean_top1": statistics.fmean(accs), "min_top1": min(accs), "max_top1": max(accs),
-                        "subsets": len(accs)})
-        if k == 1:
-            for i, d in enumerate(devices):
-                d["top1_without_this_device"] = _missing_accuracy(model, x, y, [i], bs, dev)
-        bar.update()
-    out["missing"] = missing
-    xl = x[: args.latency_batch].to(dev)
+    out["missing"] = []
+    for k, ss in subsets.items():
+        accs = [missing_correct[sset] / n for sset in ss]
+        out["missing"].append({"k": k, "mean_top1": statistics.fmean(accs), "min_top1": min(accs),
+                               "max_top1": max(accs), "subsets": len(accs)})
+    xl = first
     if len(xl) < args.latency_batch:
         xl = xl.repeat((args.latency_batch + len(xl) - 1) // len(xl), 1, 1, 1)[: args.latency_batch]
     reps = args.latency_repeats
     out["teacher"]["latency_ms"] = _latency_ms(teacher, xl, reps)
-    toks = []
+    with torch.inference_mode():
+        toks = model.forward_tokens(xl)
     for d, sub in zip(devices, model.submodels):
         d["latency_ms"] = _latency_ms(sub.forward_tokens, xl, reps)
-        toks.append(sub.forward_tokens(xl).detach())
     out["fusion"] = {"params": fusion_params, "flops": int(model.fusion_flops()),
                      "latency_ms": _latency_ms(lambda _: model.fusion(toks), xl, reps)}
-    bar.update()
-    bar.close()
     out["devices"] = devices
     out["latency"] = {"batch_size": args.latency_batch, "repeats": reps, "statistic": "median",
                       "device": str(dev), "threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0]}
