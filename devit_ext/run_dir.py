@@ -15,6 +15,7 @@ safetensors or `torch.load(weights_only=True)`, never a plain unpickle.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import hashlib
 import json
@@ -145,7 +146,9 @@ def _read_state(path: str) -> dict:
         except (SafetensorError, OSError, ValueError) as e:
             raise RunError(f"{flag}: {path} is not a readable safetensors file ({e})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # timm train.py checkpoints carry their argparse.Namespace: a plain attribute bag, allowed by name
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as e:
         raise RunError(
             f"{flag}: {path} cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}): it is "

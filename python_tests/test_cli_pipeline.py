@@ -140,3 +140,10 @@ def test_export_onnx_runs_in_onnxruntime_and_matches_pytorch(run, capsys):
         ref = model(x)
     assert logits.shape == ref.shape
     assert float((logits - ref).abs().max()) <= 1e-4
+    # the check that export runs catches files that are not the model's
+    from devit_ext.export import ExportError, check_parity
+
+    with torch.no_grad():
+        model.submodels[1].norm.bias.add_(0.01)
+    with pytest.raises(ExportError, match="device1.onnx"):
+        check_parity(model, out, man, x)

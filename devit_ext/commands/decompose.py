@@ -75,10 +75,9 @@ def run(args) -> int:
         g = torch.Generator().manual_seed(args.seed)
         idx = torch.randperm(len(ds), generator=g)[: args.max_samples].tolist()  # all classes, not the first few
         data = as_batches(torch.utils.data.Subset(ds, idx), args.batch_size, args.workers, desc="decompose: reading data")
-    with torch.no_grad():
-        model = decompose(teacher, n, budgets=args.budgets, partition=args.partition, importance=args.importance,
-                          data=data, seed=args.seed, fusion_init=args.fusion_init, max_samples=args.max_samples,
-                          batch_size=args.batch_size)
+    model = decompose(teacher, n, budgets=args.budgets, partition=args.partition, importance=args.importance,
+                      data=data, seed=args.seed, fusion_init=args.fusion_init, max_samples=args.max_samples,
+                      batch_size=args.batch_size)  # taylor needs gradients: no no_grad here
 
     rec = {
         "format": R.RUN_FORMAT,
