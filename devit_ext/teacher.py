@@ -137,9 +137,8 @@ def _train(ctx, tqdm, *, train_data, val_data, teacher, epochs, batch_size, lr, 
     src_kw = dict(device=dev, loader_opts=loader_opts, cache_dir=ckdir, local_world=ctx.local_world)
     train = as_source("train_data", train_data, **src_kw)
     if teacher is None:
-        probe = train.images[:1] if train.kind == "tensors" else train.dataset[0][0][None]
-        arch.setdefault("img_size", int(probe.shape[-1]))
-        arch.setdefault("in_chans", int(probe.shape[1]))
+        arch.setdefault("img_size", int(train.item_shape[-1]))
+        arch.setdefault("in_chans", int(train.item_shape[0]))
         arch.setdefault("num_classes", int(train.labels.max()) + 1)
         teacher = build_teacher(seed=seed, **arch)
     elif arch:
@@ -150,8 +149,7 @@ def _train(ctx, tqdm, *, train_data, val_data, teacher, epochs, batch_size, lr, 
     for src in (train, val):
         if src is not None:
             check_labels(src.name, src.labels, C, "teacher")
-            if src.kind == "tensors":
-                check_shape(src.name, src.images.shape[1:], shape, "teacher")
+            check_shape(src.name, src.item_shape, shape, "teacher")
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"epochs/batch_size/lr: expected positive values, got {epochs}/{batch_size}/{lr}")
     if resume and out_dir is None:

@@ -153,8 +153,7 @@ def _train(ctx, tqdm, *, model, teacher, train_data, val_data, stages, epochs, b
     for src in (train, val):
         if src is not None:
             check_labels(src.name, src.labels, C, "the model")
-            if src.kind == "tensors":
-                check_shape(src.name, src.images.shape[1:], shape, "the model")
+            check_shape(src.name, src.item_shape, shape, "the model")
     groups = model.class_groups
     lut = torch.full((C,), -1, dtype=torch.long)  # global class -> local index within its group
     owner = torch.full((C,), -1, dtype=torch.long)  # global class -> device
