@@ -137,5 +137,7 @@ def latency_ms(fn: Callable, x, repeats: int, warmup: int = 3) -> float:
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn(x)
+            if isinstance(x, torch.Tensor) and x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
             times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)

@@ -97,10 +97,10 @@ def test_evaluate_json_matches_collaborate(run, capsys):
         assert out["devit"][transfer]["top1"] == pytest.approx(acc, abs=1e-9)
     assert out["num_images"] == len(y) == 18
     assert [m["k"] for m in out["missing"]] == [0, 1] and out["missing"][1]["subsets"] == 2
-    from devit_ext.dekd import evaluate
+    from devit_ext.evaluate import accuracy
 
     for k, sub in ((0, []), (1, [0]), (1, [1])):
-        assert evaluate(model, (x, y), transfer="int8", missing=sub) == pytest.approx(
+        assert accuracy(model, (x, y), transfer="int8", missing=sub) == pytest.approx(
             out["devices"][sub[0]]["top1_without_this_device"] if sub else out["missing"][0]["mean_top1"], abs=1e-9)
     assert out["missing"][1]["mean_top1"] == pytest.approx(
         sum(d["top1_without_this_device"] for d in out["devices"]) / 2, abs=1e-9)

@@ -2,7 +2,7 @@
 
 One pass over the split, batch by batch (memory holds logits, never the
 images). Accuracies of DeViT go through `collaborate` (fp32 and int8 tokens);
-accuracy with devices missing is the path of `devit_ext.dekd.fused_forward(
+accuracy with devices missing is the path of `devit_ext.protocol.fused_forward(
 transfer="int8", missing=...)` (zeros in place of a missing device's token, as
 in training with device dropout), with each batch's tokens computed once for
 all subsets. These calls sit in the "evaluation backend" functions below, so
@@ -54,13 +54,13 @@ def _devit_logits(model, x, transfer: str, batch_size: int, device) -> torch.Ten
 
 def _int8_tokens(model, x) -> list[torch.Tensor]:
     """Each device's token after the int8 round trip: computed once per batch, reused for every missing subset."""
-    from ..dekd import int8_roundtrip
+    from ..protocol import int8_roundtrip
 
     return [int8_roundtrip(t.float()) for t in model.forward_tokens(x)]
 
 
 def _missing_logits(model, tokens: list[torch.Tensor], missing) -> torch.Tensor:
-    """Fusion with zeros for the `missing` devices: devit_ext.dekd.fused_forward(transfer="int8", missing=...)."""
+    """Fusion with zeros for the `missing` devices: devit_ext.protocol.fused_forward(transfer="int8", missing=...)."""
     tokens = [torch.zeros_like(t) if i in missing else t for i, t in enumerate(tokens)]
     return model.fusion(tokens).float().cpu()
 
@@ -78,19 +78,6 @@ def topk(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
     return int((logits.topk(k, dim=-1).indices == y[:, None]).any(-1).sum()) / len(y)
 
 
-@torch.inference_mode()
-def _latency_ms(fn, x, repeats: int) -> float:
-    fn(x)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def _subsets(n: int, k: int, cap: int, seed: int = 0) -> list[tuple[int, ...]]:
     if math.comb(n, k) <= cap:
         return list(itertools.combinations(range(n), k))
@@ -101,8 +88,9 @@ def _subsets(n: int, k: int, cap: int, seed: int = 0) -> list[tuple[int, ...]]:
 
 
 def run(args) -> int:
-    from ..engines.common import message_bytes
+    from ..evaluate import latency_ms
     from ..imagefolder import as_batches, load_split
+    from ..protocol import message_bytes
 
     require(args, "data")
     bs = positive("batch_size", args.batch_size)
@@ -182,13 +170,13 @@ def run(args) -> int:
     if len(xl) < args.latency_batch:
         xl = xl.repeat((args.latency_batch + len(xl) - 1) // len(xl), 1, 1, 1)[: args.latency_batch]
     reps = args.latency_repeats
-    out["teacher"]["latency_ms"] = _latency_ms(teacher, xl, reps)
+    out["teacher"]["latency_ms"] = latency_ms(teacher, xl, reps)
     with torch.inference_mode():
         toks = model.forward_tokens(xl)
     for d, sub in zip(devices, model.submodels):
-        d["latency_ms"] = _latency_ms(sub.forward_tokens, xl, reps)
+        d["latency_ms"] = latency_ms(sub.forward_tokens, xl, reps)
     out["fusion"] = {"params": fusion_params, "flops": int(model.fusion_flops()),
-                     "latency_ms": _latency_ms(lambda _: model.fusion(toks), xl, reps)}
+                     "latency_ms": latency_ms(lambda _: model.fusion(toks), xl, reps)}
     out["devices"] = devices
     out["latency"] = {"batch_size": args.latency_batch, "repeats": reps, "statistic": "median",
                       "device": str(dev), "threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0]}
@@ -212,7 +200,7 @@ def _pct(v) -> str:
 
 
 def table(out: dict) -> str:
-    from ..decomposition import _fmt_count
+    from ..shapes import fmt_count as _fmt_count
 
     rows = [("model", "top-1 %", "top-5 %", "params", "FLOPs", "bytes/img int8", "latency ms")]
     t = out["teacher"]
