@@ -150,8 +150,11 @@ def _train(ctx, tqdm, *, train_data, val_data, teacher, epochs, batch_size, lr, 
         if src is not None:
             check_labels(src.name, src.labels, C, "teacher")
             check_shape(src.name, src.item_shape, shape, "teacher")
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"epochs/batch_size/lr: expected positive values, got {epochs}/{batch_size}/{lr}")
+    epochs, batch_size = U.count("epochs", epochs, lo=1), U.count("batch_size", batch_size, lo=1)
+    lr = U.real("lr", lr, lo=0, lo_open=True)
+    weight_decay, clip = U.real("weight_decay", weight_decay, lo=0), U.real("clip", clip, lo=0)
+    shift, seed = U.count("shift", shift), U.count("seed", seed)
+    U.real("dist_timeout", dist_timeout, lo=0, lo_open=True)
     if resume and out_dir is None:
         raise ValueError("resume: needs out_dir (where the checkpoints are)")
     settings = {  # what makes a run this run: resuming with anything else would not continue it
@@ -203,7 +206,7 @@ def _train(ctx, tqdm, *, train_data, val_data, teacher, epochs, batch_size, lr, 
                 if isinstance(logits, tuple):  # distilled teacher in distillation-training mode
                     logits = (logits[0] + logits[1]) / 2
                 loss = R.label_loss(logits, target, ls)
-            stepper.backward(loss, last=k == len(plan) - 1)
+            stepper.backward(loss, last=k == len(plan) - 1, where=f"train_teacher: epoch {epoch + 1} batch {k}")
             sums["loss"] += float(loss.detach()) * len(yb)
             sums["correct"] += int((logits.argmax(-1) == yb).sum())
             sums["seen"] += len(yb)

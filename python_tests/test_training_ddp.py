@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from devit_ext import data as D
+from devit_ext.checkpoint import checkpoint_files
 from devit_ext.teacher import save_teacher, train_teacher
 
 pytestmark = pytest.mark.slow
@@ -71,7 +72,7 @@ def test_resume_under_torchrun_after_the_first_stage(teacher_dir, tmp_path):
     out, res = str(tmp_path / "run"), str(tmp_path / "r.json")
     first = _torchrun([teacher_dir, out, res, "--stop-after-distill"])
     assert first.returncode != 0 and not os.path.exists(res)
-    with open(os.path.join(out, "checkpoint", "state.json")) as f:
+    with open(checkpoint_files(os.path.join(out, "checkpoint"))[0]) as f:
         st = json.load(f)
     assert (st["stage"], st["epoch"]) == (1, 0)  # stage "distill" closed, "ensemble" not begun
     second = _torchrun([teacher_dir, out, res, "--resume"])
