@@ -61,9 +61,10 @@ def prefixed(tensors: dict, prefix: str) -> dict:
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
-def save_checkpoint(ckdir, *, model, best_state, opt, state: dict) -> None:
+def save_checkpoint(ckdir, *, model, best_state, opt, state: dict, extra: dict | None = None) -> None:
     """Write `model`'s weights, `best_state` (or None), `opt` (or None), the torch RNG and `state` to `ckdir`.
 
+    `extra`: more tensors, already named with their own prefix (e.g. "ema.<name>").
     `state` must be JSON-able; the optimizer's non-tensor part is added to it
     as "optimizer", and a fresh token as "token".
     """
@@ -73,6 +74,8 @@ def save_checkpoint(ckdir, *, model, best_state, opt, state: dict) -> None:
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if best_state is not None:
         tensors.update({f"best.{k}": v.detach().contiguous().cpu() for k, v in best_state.items()})
+    if extra:
+        tensors.update({k: v.detach().contiguous().cpu() for k, v in extra.items()})
     state = dict(state)
     if opt is not None:
         ot, om = optimizer_to_flat(opt, "opt")
@@ -81,10 +84,10 @@ def save_checkpoint(ckdir, *, model, best_state, opt, state: dict) -> None:
     tensors["rng.torch"] = torch.get_rng_state()
     token = secrets.token_hex(8)
     state["token"] = token
-    wtmp = os.path.join(ckdir, CKPT_WEIGHTS + ".tmp")
+    wtmp = os.path.join(ckdir, CKPT_WEIGHTS + f".{os.getpid()}.tmp")
     save_file(tensors, wtmp, metadata={"token": token})
     os.replace(wtmp, os.path.join(ckdir, CKPT_WEIGHTS))
-    stmp = os.path.join(ckdir, CKPT_STATE + ".tmp")
+    stmp = os.path.join(ckdir, CKPT_STATE + f".{os.getpid()}.tmp")
     with open(stmp, "w") as f:
         json.dump(state, f, indent=1)
     os.replace(stmp, os.path.join(ckdir, CKPT_STATE))

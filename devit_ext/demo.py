@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from .decomposition import decompose
     from .dekd import evaluate, train_dekd
     from .teacher import accuracy, load_teacher, save_teacher, train_teacher
-    from . import _trainutil as U
+    from .training import common as U
 
     if args.devices < 1:
         print(f"devit-ext demo: --devices must be >= 1, got {args.devices}", file=sys.stderr)

@@ -18,10 +18,14 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from . import _trainutil as U
 from .checkpoint import CKPT_DIR, check_settings, load_checkpoint, optimizer_from_flat, prefixed, save_checkpoint
+from .training import common as U
+from .training import dist as D
+from .training import recipe as R
+from .training import sampling as S
+from .training.source import as_source, check_batch, check_labels, check_shape
+from .training.stepper import Stepper, steps_per_epoch
 
 TEACHER_CONFIG = "teacher.json"
 TEACHER_WEIGHTS = "teacher.safetensors"
@@ -81,100 +85,146 @@ def train_teacher(
     weight_decay: float = 0.05,
     shift: int = 2,
     clip: float = 1.0,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | None = None,
     seed: int = 0,
     device=None,
     progress: bool = True,
     out_dir=None,
     resume: bool = False,
+    recipe="light",
+    mixup: float | None = None,
+    cutmix: float | None = None,
+    ema_decay: float | None = None,
+    accum_steps: int | None = None,
+    loader_opts: dict | None = None,
+    dist_timeout: float = 1800.0,
     callback: Callable[[int, dict], Any] | None = None,
     **arch,
 ):
     """Train `teacher` (or a new `build_teacher(**arch)`) with CE. Returns (teacher, history).
 
-    `history` is a list of per-epoch dicts (loss, train_acc, val_acc, lr, seconds);
-    the epoch with the best validation accuracy is restored at the end.
+    Data as in `train_dekd`: a Dataset, a DataLoader over one (streamed every
+    epoch) or (images, labels) tensors; `recipe` ("light" or "deit") and its
+    overrides as there; `batch_size` per process; under torchrun the processes
+    train data-parallel. `history` is a list of per-epoch dicts (loss,
+    train_acc, val_acc, lr, seconds); the epoch with the best validation
+    accuracy (model or EMA) is restored at the end.
 
-    With `out_dir`, a checkpoint (model, best model, optimizer, RNG, epoch,
+    With `out_dir`, a checkpoint (model, best model, optimizer, epoch,
     history) is written to `out_dir/checkpoint/` after every epoch.
     `resume=True` continues from it exactly (same settings required; without a
     checkpoint it starts from the beginning). `callback(epoch, record)` runs
     after each epoch's checkpoint.
     """
+    args = dict(locals())
     from tqdm.auto import tqdm
 
-    dev = U.resolve_device(device)
-    x, y = U.as_tensors("train_data", train_data)
+    ctx = D.setup(args.pop("device"), dist_timeout)
+    try:
+        return _train(ctx, tqdm, **args)
+    finally:
+        ctx.close()
+
+
+def _train(ctx, tqdm, *, train_data, val_data, teacher, epochs, batch_size, lr, weight_decay, shift, clip,
+           label_smoothing, seed, progress, out_dir, resume, recipe, mixup, cutmix, ema_decay, accum_steps,
+           loader_opts, dist_timeout, callback, arch):
+    dev = ctx.device
+    progress = progress and ctx.is_main
+    rcp = R.resolve(recipe, mixup=mixup, cutmix=cutmix, label_smoothing=label_smoothing, ema_decay=ema_decay,
+                    accum_steps=accum_steps)
+    ckdir = os.path.join(out_dir, CKPT_DIR) if out_dir is not None else None
+    src_kw = dict(device=dev, loader_opts=loader_opts, cache_dir=ckdir, local_world=ctx.local_world)
+    train = as_source("train_data", train_data, **src_kw)
     if teacher is None:
-        arch.setdefault("img_size", int(x.shape[-1]))
-        arch.setdefault("in_chans", int(x.shape[1]))
-        arch.setdefault("num_classes", int(y.max()) + 1)
+        probe = train.images[:1] if train.kind == "tensors" else train.dataset[0][0][None]
+        arch.setdefault("img_size", int(probe.shape[-1]))
+        arch.setdefault("in_chans", int(probe.shape[1]))
+        arch.setdefault("num_classes", int(train.labels.max()) + 1)
         teacher = build_teacher(seed=seed, **arch)
     elif arch:
         raise TypeError(f"train_teacher: architecture arguments {sorted(arch)} given together with teacher=")
     C = int(teacher.num_classes)
-    U.check_data("train_data", x, y, num_classes=C, image_shape=_images_shape(teacher), who="teacher")
-    if val_data is not None:
-        xv, yv = U.as_tensors("val_data", val_data)
-        U.check_data("val_data", xv, yv, num_classes=C, image_shape=_images_shape(teacher), who="teacher")
+    shape = _images_shape(teacher)
+    val = as_source("val_data", val_data, **src_kw) if val_data is not None else None
+    for src in (train, val):
+        if src is not None:
+            check_labels(src.name, src.labels, C, "teacher")
+            if src.kind == "tensors":
+                check_shape(src.name, src.images.shape[1:], shape, "teacher")
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"epochs/batch_size/lr: expected positive values, got {epochs}/{batch_size}/{lr}")
     if resume and out_dir is None:
         raise ValueError("resume: needs out_dir (where the checkpoints are)")
-    ckdir = os.path.join(out_dir, CKPT_DIR) if out_dir is not None else None
     settings = {  # what makes a run this run: resuming with anything else would not continue it
         "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
-        "shift": int(shift), "clip": float(clip), "label_smoothing": float(label_smoothing), "seed": int(seed),
-        "num_train": int(x.shape[0]), "num_val": 0 if val_data is None else int(xv.shape[0]),
+        "shift": int(shift), "clip": float(clip), "seed": int(seed), "num_train": len(train),
+        "num_val": 0 if val is None else len(val), "recipe": rcp.settings(),
         "architecture": getattr(teacher, "devit_teacher_kwargs", None),
     }
 
     torch.manual_seed(seed)
     teacher.to(dev).train()
     opt = torch.optim.AdamW(U.param_groups([teacher], weight_decay), lr=lr, betas=(0.9, 0.999))
-    steps_per_epoch = -(-x.shape[0] // batch_size)
+    global_batch = batch_size * ctx.world
+    steps = steps_per_epoch(-(-len(train) // global_batch), rcp.accum_steps)
+    max_lr = rcp.lr(lr, global_batch * rcp.accum_steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2, div_factor=25, final_div_factor=1e3
+        opt, max_lr=max_lr, total_steps=epochs * steps, pct_start=0.2, div_factor=25, final_div_factor=1e3
     )
+    ema = R.make_ema(rcp, teacher)
+    mix = R.make_mixup(rcp, C)
     history, best, best_state, start = [], -1.0, None, 0
     loaded = load_checkpoint(ckdir) if resume else None
     if loaded is not None:
-        start, best, best_state, history = _restore(loaded, ckdir, settings, teacher, opt, sched, steps_per_epoch)
+        start, best, best_state, history = _restore(loaded, ckdir, settings, teacher, opt, sched, steps, ema)
         if progress:
             tqdm.write(f"teacher: resumed from {ckdir} after epoch {start}/{epochs}")
+    stepper = Stepper(opt, ctx=ctx, lr_at=None, sched=sched, clip=clip, clip_groups=[list(teacher.parameters())],
+                      accum_steps=rcp.accum_steps, ema=ema, ema_source=teacher, step=start * steps)
+    ls = 0.0 if rcp.mixes else rcp.label_smoothing
     for epoch in range(start, epochs):
         t0 = time.time()
+        U.seed_everything(seed, 7, epoch, ctx.rank)
         g = U.generator(seed, 7, epoch)
-        perm = torch.randperm(x.shape[0], generator=g)
+        plan = S.shuffled(len(train), global_batch, g, rank=ctx.rank, world=ctx.world, even=rcp.mixes)
+        g_aug = U.generator(seed, 7, epoch, ctx.rank) if ctx.active else g
         teacher.train()
-        tot_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"teacher {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for s in bar:
-            idx = perm[s * batch_size : (s + 1) * batch_size]
-            xb = U.random_shift(x[idx], shift, g).to(dev)
-            yb = y[idx].to(dev)
+        sums = {"loss": 0.0, "correct": 0.0, "seen": 0.0}
+        bar = tqdm(total=len(plan), desc=f"teacher {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        batches = train.batches(plan.batches, int(U.generator(seed, 7, epoch, 7, ctx.rank).initial_seed()))
+        for k, (xb, yb) in enumerate(batches):
+            xb, yb = check_batch(train.name, k, xb, yb, image_shape=shape, who="teacher")
+            xb = U.random_shift(xb.to(dev, non_blocking=True), shift, g_aug)
+            yb = yb.to(dev, non_blocking=True)
+            target = yb
+            if mix is not None:
+                xb, target = mix(xb.clone(), yb)
             with U.autocast(dev):
                 logits = teacher(xb)
                 if isinstance(logits, tuple):  # distilled teacher in distillation-training mode
                     logits = (logits[0] + logits[1]) / 2
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(teacher.parameters(), clip)
-            opt.step()
-            sched.step()
-            tot_loss += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(-1) == yb).sum())
-            seen += len(idx)
-            bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-        rec = {"epoch": epoch + 1, "loss": tot_loss / seen, "train_acc": correct / seen,
-               "lr": opt.param_groups[0]["lr"]}
-        if val_data is not None:
-            rec["val_acc"] = accuracy(teacher, xv, yv, device=dev)
-            if rec["val_acc"] > best:
-                best = rec["val_acc"]
-                best_state = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+                loss = R.label_loss(logits, target, ls)
+            stepper.backward(loss, last=k == len(plan) - 1)
+            sums["loss"] += float(loss.detach()) * len(yb)
+            sums["correct"] += int((logits.argmax(-1) == yb).sum())
+            sums["seen"] += len(yb)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}", acc=f"{sums['correct'] / sums['seen']:.3f}")
+        bar.close()
+        tot = ctx.sum(sums)
+        rec = {"epoch": epoch + 1, "loss": tot["loss"] / tot["seen"], "train_acc": tot["correct"] / tot["seen"],
+               "lr": opt.param_groups[0]["lr"], "mixup": rcp.mixes}
+        if val is not None:
+            rec["val_acc"] = _val_acc(ctx, teacher, val, batch_size, dev, shape)
+            cands = [(rec["val_acc"], teacher)]
+            if ema is not None:
+                rec["ema_val_acc"] = _val_acc(ctx, ema.module, val, batch_size, dev, shape)
+                cands.append((rec["ema_val_acc"], ema.module))
+            acc, winner = max(cands, key=lambda c: c[0])
+            if acc > best:
+                best = acc
+                best_state = {k: v.detach().clone() for k, v in winner.state_dict().items()}
         rec["seconds"] = time.time() - t0
         history.append(rec)
         if progress:
@@ -182,24 +232,44 @@ def train_teacher(
             if "val_acc" in rec:
                 msg += f" val {rec['val_acc']:.4f}"
             tqdm.write(msg)
-        if ckdir is not None:
-            state = {"version": 1, "settings": settings, "epoch": epoch + 1, "best_val": best, "history": history}
-            save_checkpoint(ckdir, model=teacher, best_state=best_state, opt=opt, state=state)
+        if ckdir is not None and ctx.is_main:
+            state = {"version": 2, "settings": settings, "epoch": epoch + 1, "best_val": best, "history": history}
+            extra = {f"ema.{k}": v for k, v in ema.module.state_dict().items()} if ema is not None else None
+            save_checkpoint(ckdir, model=teacher, best_state=best_state, opt=opt, state=state, extra=extra)
         if callback is not None:
             callback(epoch + 1, rec)
     if best_state is not None:
         teacher.load_state_dict(best_state)
     teacher.eval()
+    ctx.barrier()
     return teacher, history
 
 
-def _restore(loaded, ckdir, settings, teacher, opt, sched, steps_per_epoch):
+@torch.no_grad()
+def _val_acc(ctx, model, val, batch_size, dev, shape) -> float:
+    was = model.training
+    model.eval()
+    correct = seen = 0
+    plan = S.sequential(len(val), max(batch_size, 256), rank=ctx.rank, world=ctx.world)
+    for k, (x, y) in enumerate(val.batches(plan.batches, 0)):
+        x, y = check_batch(val.name, k, x, y, image_shape=shape, who="teacher")
+        with U.autocast(dev):
+            z = model(x.to(dev)).float()
+        correct += int((z.argmax(-1).cpu() == y).sum())
+        seen += len(y)
+    model.train(was)
+    tot = ctx.sum({"c": correct, "n": seen})
+    return tot["c"] / max(tot["n"], 1.0)
+
+
+def _restore(loaded, ckdir, settings, teacher, opt, sched, steps_per_epoch, ema):
     """Load a checkpoint into teacher/opt/sched; (next epoch, best val acc, best state or None, history)."""
     st, tensors = loaded
     check_settings(st, settings, ckdir)
     teacher.load_state_dict(prefixed(tensors, "model"))
     optimizer_from_flat(opt, "opt", tensors, st["optimizer"])  # lr and betas as the schedule left them
-    torch.set_rng_state(tensors["rng.torch"])
+    if ema is not None:
+        ema.module.load_state_dict(prefixed(tensors, "ema"))
     start = int(st["epoch"])
     # OneCycleLR computes each lr from its step count alone (plus the groups' initial/max/min lr,
     # restored above), so setting the count is the whole of its state

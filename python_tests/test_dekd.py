@@ -82,7 +82,7 @@ def test_token_mse_and_fake_quant_straight_through():
 
 def test_device_dropout_zeroes_one_device_per_dropped_sample():
     toks = [torch.ones(200, 3), torch.ones(200, 2, 4), torch.ones(200, 5)]
-    out = dekd._drop_devices(toks, 0.5, torch.Generator().manual_seed(0))
+    out = dekd.apply_drop(toks, dekd.drop_mask(200, 3, 0.5, torch.Generator().manual_seed(0)))
     zeroed = torch.stack([(t.flatten(1) == 0).all(1) for t in out], 1)  # (B, devices)
     assert zeroed.sum(1).max() == 1  # never more than one device per sample
     assert 60 < int(zeroed.any(1).sum()) < 140  # about half the samples

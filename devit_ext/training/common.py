@@ -1,4 +1,4 @@
-"""Small helpers shared by the trainers (DEKD, teacher): data as tensors, checks, augmentation, schedule.
+"""Small helpers shared by the trainers (DEKD, teacher): device, autocast, seeding, shifts, schedule.
 
 All randomness of a training run comes from generators seeded by
 (seed, stage, epoch), so an epoch replays exactly, which is what makes resume
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,73 +31,21 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def as_tensors(name: str, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Dataset of (image, int label), a DataLoader over one, or an (images, labels) pair -> two tensors.
-
-    Uses `.images`/`.labels` (devit_ext.data) or `.tensors` (TensorDataset) when
-    present; otherwise iterates the dataset once. Errors name `name`.
-    """
-    if data is None:
-        raise ValueError(f"{name}: is None; expected a Dataset of (image, label) or a DataLoader over one")
-    if isinstance(data, torch.utils.data.DataLoader):
-        data = data.dataset
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-    elif hasattr(data, "images") and hasattr(data, "labels"):
-        x, y = data.images, data.labels
-    elif isinstance(data, torch.utils.data.TensorDataset) and len(data.tensors) >= 2:
-        x, y = data.tensors[0], data.tensors[1]
-    else:
-        try:
-            n = len(data)
-        except TypeError:
-            raise TypeError(f"{name}: expected a Dataset with a length, got {type(data).__name__}") from None
-        if n == 0:
-            raise ValueError(f"{name}: the data set is empty")
-        xs, ys = [], []
-        for i in range(n):
-            item = data[i]
-            if not isinstance(item, (tuple, list)) or len(item) < 2:
-                raise TypeError(f"{name}: items must be (image tensor, int label), got {type(item).__name__}")
-            xs.append(torch.as_tensor(item[0]))
-            ys.append(int(item[1]))
-        x, y = torch.stack(xs), torch.tensor(ys)
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError(f"{name}: images and labels must be tensors")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name}: the data set is empty")
-    if x.dim() != 4:
-        raise ValueError(f"{name}: images must be (C, H, W) each, got a batch of shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: images must be float (normalised), got {x.dtype}")
-    if y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"{name}: {x.shape[0]} images but labels of shape {tuple(y.shape)}")
-    if y.is_floating_point():
-        raise TypeError(f"{name}: labels must be integers, got {y.dtype}")
-    return x.float(), y.long()
-
-
-def check_data(name: str, x: torch.Tensor, y: torch.Tensor, *, num_classes: int, image_shape, who: str) -> None:
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= num_classes:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"{name}: label {bad} out of range [0, {num_classes}) ({who} has {num_classes} classes)")
-    want = tuple(int(v) for v in image_shape)
-    got = tuple(x.shape[1:])
-    if got != want:
-        raise ValueError(
-            f"{name}: images are {'x'.join(map(str, got))} but {who} expects {'x'.join(map(str, want))} (C x H x W)"
-        )
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name}: images contain NaN or Inf")
-
-
 def generator(seed: int, *salt: int) -> torch.Generator:
     """A CPU generator seeded from (seed, salt...) deterministically."""
     s = int(seed) & 0xFFFFFFFF
     for v in salt:
         s = (s * 1_000_003 + int(v) + 1) & 0x7FFFFFFFFFFFFFFF
     return torch.Generator().manual_seed(s)
+
+
+def seed_everything(seed: int, *salt: int) -> None:
+    """Seed torch, numpy and `random` from (seed, salt...): the RNGs that transforms, timm's Mixup and
+    RandomErasing draw from in the main process, so an epoch replays the same on resume."""
+    s = int(generator(seed, *salt).initial_seed())
+    torch.manual_seed(s)
+    np.random.seed(s & 0xFFFFFFFF)
+    random.seed(s)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
