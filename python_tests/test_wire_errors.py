@@ -149,3 +149,14 @@ def test_sizes_and_hash_bytes():
     assert wire.hash_bytes(HASH) == bytes.fromhex(HASH[:32])
     with pytest.raises(ValueError, match=r"^content_hash: 15 bytes, need at least 16$"):
         wire.hash_bytes(raw[:15])
+
+
+def test_width_one_and_dequantized_values():
+    """d = 1 is a valid width; dequantized() is q * scale per token (T = 2: each token its own scale)."""
+    raw = header(T=1, d=1, B=1) + struct.pack("<f", 0.5) + bytes([3])
+    m = wire.decode(buf(raw))
+    assert m.width == 1 and m.dequantized().tolist() == [[[1.5]]]
+    q = torch.tensor([[[1, -2, 3], [4, 0, -1]]], dtype=torch.int8)  # B=1, T=2, d=3
+    s = torch.tensor([[0.5, 2.0]])
+    m = wire.decode(wire.encode(HASH, 0, 1, q=q, scales=s))
+    assert m.dequantized().tolist() == [[[0.5, -1.0, 1.5], [8.0, 0.0, -2.0]]]
