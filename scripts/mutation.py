@@ -72,6 +72,8 @@ def scratch_copy(dst: str, tests: list[str]) -> None:
             shutil.copy2(os.path.join(ROOT, rel), os.path.join(dst, rel))
     for so in glob.glob(os.path.join(ROOT, "devit_ext", "_C*.so")):
         shutil.copy2(so, os.path.join(dst, "devit_ext"))
+    # setup.py installs kernels/ as devit_ext.kernels (package_dir); mutmut imports devit_ext from its copy
+    shutil.copytree(os.path.join(dst, "kernels"), os.path.join(dst, "devit_ext", "kernels"))
 
 
 def write_config(dst: str, files: list[str], tests: list[str], extra: list[str]) -> None:
