@@ -47,8 +47,9 @@ GROUPS = {
                  "devit_ext.decomposition.x_init_fusion*", "devit_ext.importance.x_magnitude*",
                  "devit_ext.importance.x_reduce_axis*", "devit_ext.importance.x__accumulate*",
                  "devit_ext.importance.x_param_axes*", "devit_ext.importance.x__unit_key*"],
-                ["python_tests/test_method_importance.py", "python_tests/test_decompose.py"],
-                ["-k", "test_method_importance or exact_slices or pruning_nothing or fusion_map_init "
+                ["python_tests/test_method_importance.py", "python_tests/test_magnitude_formula.py",
+                 "python_tests/test_decompose.py"],
+                ["-k", "test_method_importance or test_magnitude_formula or exact_slices or pruning_nothing or fusion_map_init "
                        "or distilled_tokens or variant_teacher"]),
     "stacked": (["devit_ext/engines/stacked.py"], ["devit_ext.engines.stacked.x_fold_submodel*",
                                                    "devit_ext.engines.stacked.x_shape_signature*"],
