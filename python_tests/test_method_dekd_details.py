@@ -140,3 +140,31 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"^relation_loss: teacher features \(2, 5, 4\) and student features "
                                          r"\(2, 6, 4\) differ in batch or token count"):
         dekd.relation_loss(torch.zeros(2, 5, 4), torch.zeros(2, 6, 4), 4)
+
+
+def test_loss_defaults_are_used_when_not_given():
+    teacher, model = make()
+    x = batch()
+    student = model.submodels[0]
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    logits, t_qkv = teacher_qkv(teacher, x, [1])
+    t_logits = logits[:, model.class_groups[0]]
+    common = dict(pairs=[(0, 1)], teacher_head_dims={1: 16})
+    a = dekd.distill_loss(student, x, y, t_logits, t_qkv, **common)
+    b = dekd.distill_loss(student, x, y, t_logits, t_qkv, alpha=0.5, kind="hard", temperature=1.0,
+                          relation_weights=(0.2, 0.1, 0.3), **common)
+    assert torch.equal(a["loss"], b["loss"])
+    s1 = dekd.distill_loss(student, x, y, t_logits, t_qkv, kind="soft", **common)
+    s2 = dekd.distill_loss(student, x, y, t_logits, t_qkv, kind="soft", temperature=1.0, **common)
+    assert torch.equal(s1["kd"], s2["kd"])
+    z, t = torch.randn(5, 4), torch.randn(5, 4)
+    assert torch.equal(dekd.distillation_loss(z, t, "soft"), dekd.soft_distillation(z, t, 1.0))
+    t_logits, t_tokens = dekd.teacher_targets(teacher, x, False)
+    yy = torch.arange(6)
+    e1 = dekd.ensemble_loss(model, x, yy, t_logits, t_tokens)
+    e2 = dekd.ensemble_loss(model, x, yy, t_logits, t_tokens, alpha=0.5, kind="hard", temperature=1.0,
+                            token_weight=1.0, quant_aware=True)
+    assert torch.equal(e1["loss"], e2["loss"])
+    s1 = dekd.ensemble_loss(model, x, yy, t_logits, t_tokens, kind="soft")
+    s2 = dekd.ensemble_loss(model, x, yy, t_logits, t_tokens, kind="soft", temperature=1.0)
+    assert torch.equal(s1["kd"], s2["kd"])
