@@ -9,10 +9,6 @@
 #include <stdexcept>
 #include <string>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "dtype.h"
 #include "quant.h"
 
@@ -195,22 +191,7 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- build facts (read by devit_ext.build_info) ----
   m.def("cuda_compiled", &devit::cuda_compiled, "True when the CUDA kernels were compiled into this module");
-  m.def("cuda_archs", [] { return split_archs(DEVIT_CUDA_ARCHS); },
-        "CUDA architectures the kernels were compiled for, e.g. ['80', '87', '89', '90'] (SASS; the last also PTX)");
-  m.def("openmp", [] {
-#ifdef _OPENMP
-    return static_cast<int>(_OPENMP);
-#else
-    return 0;
-#endif
-  }, "the _OPENMP version the CPU kernels were compiled with, 0 without OpenMP");
-  m.def("omp_max_threads", [] {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-  });
+  // everything else about the build is one dict: version, compilers, CUDA mode and archs, OpenMP
   m.def("build_config", [] {
     py::dict d;
     d["version"] = DEVIT_VERSION;

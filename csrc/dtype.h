@@ -1,4 +1,4 @@
-// dtype codes shared by the Python side (devit_ext/ops/quant.py) and the kernels,
+// dtype codes shared by the Python side (devit_ext/checks.py DTYPE_CODES) and the kernels,
 // plus host-side fp16/bf16 <-> fp32 conversions (no torch headers, no intrinsics).
 //
 // The conversions are bit-exact with torch's (c10/util/Half.h and BFloat16.h use
@@ -18,15 +18,6 @@ namespace devit {
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 inline bool valid_float_dtype(int code) { return code == kFloat32 || code == kFloat16 || code == kBFloat16; }
-
-inline const char* dtype_name(int code) {
-  switch (code) {
-    case kFloat32: return "float32";
-    case kFloat16: return "float16";
-    case kBFloat16: return "bfloat16";
-    default: return "unknown";
-  }
-}
 
 inline int dtype_size(int code) { return code == kFloat32 ? 4 : 2; }
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import importlib
 
 from ._version import __version__
-from ._build import build_info
 
 _LAZY = {
+    "build_info": ("devit_ext.ops.dispatch", "build_info"),
     "ops": ("devit_ext.ops", None),
     "DeViT": ("devit_ext.model", "DeViT"),
     "load": ("devit_ext.model", "load"),
@@ -25,7 +25,7 @@ _LAZY = {
     "collaborate": ("devit_ext.engines", "collaborate"),
 }
 
-__all__ = ["__version__", "build_info", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):

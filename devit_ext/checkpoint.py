@@ -1,11 +1,15 @@
 """Training checkpoints: safetensors for tensors, JSON for everything else; never pickle.
 
-One checkpoint is a directory (by convention `out_dir/checkpoint/`) holding
-`weights.safetensors` (model, best model, optimizer tensors, RNG state, each
-under a name prefix) and `state.json` (epoch, history, optimizer
-hyper-parameters, settings). Both files are replaced atomically, weights
-first; a random token written into both tells a matching pair from files of
-two different saves (a write interrupted between the two replaces).
+The checkpoint folder (by convention `out_dir/checkpoint/`) holds one save
+directory per save, `save-<token>/` with `weights.safetensors` (model, best
+model, optimizer tensors, RNG state, each under a name prefix) and
+`state.json` (epoch, history, optimizer hyper-parameters, settings), and a
+file `LATEST` naming the current one. A save writes its directory under a
+temporary name, renames it into place, then replaces `LATEST` (os.replace),
+then removes older saves and leftovers: a kill at any moment leaves `LATEST`
+pointing at a complete save, so the last good copy is never lost. The random
+token is written into both files too, so files mixed from two saves are
+refused.
 
 Used by `train_dekd` and `train_teacher`, whose epoch randomness comes from
 generators seeded by (seed, stage, epoch), so model + optimizer + epoch are all
@@ -16,12 +20,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 
 import torch
 
 CKPT_DIR = "checkpoint"
 CKPT_WEIGHTS = "weights.safetensors"
 CKPT_STATE = "state.json"
+CKPT_LATEST = "LATEST"
 
 
 def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
@@ -84,13 +90,38 @@ def save_checkpoint(ckdir, *, model, best_state, opt, state: dict, extra: dict |
     tensors["rng.torch"] = torch.get_rng_state()
     token = secrets.token_hex(8)
     state["token"] = token
-    wtmp = os.path.join(ckdir, CKPT_WEIGHTS + f".{os.getpid()}.tmp")
-    save_file(tensors, wtmp, metadata={"token": token})
-    os.replace(wtmp, os.path.join(ckdir, CKPT_WEIGHTS))
-    stmp = os.path.join(ckdir, CKPT_STATE + f".{os.getpid()}.tmp")
-    with open(stmp, "w") as f:
+    name = f"save-{token}"
+    tmp = os.path.join(ckdir, f".{name}.tmp")
+    os.makedirs(tmp)
+    save_file(tensors, os.path.join(tmp, CKPT_WEIGHTS), metadata={"token": token})
+    with open(os.path.join(tmp, CKPT_STATE), "w") as f:
         json.dump(state, f, indent=1)
-    os.replace(stmp, os.path.join(ckdir, CKPT_STATE))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(ckdir, name))
+    ltmp = os.path.join(ckdir, f".{CKPT_LATEST}.{os.getpid()}.tmp")
+    with open(ltmp, "w") as f:
+        f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(ltmp, os.path.join(ckdir, CKPT_LATEST))
+    for entry in os.listdir(ckdir):  # older saves and leftovers of interrupted ones
+        if entry != name and (entry.startswith("save-") or (entry.startswith(".") and entry.endswith(".tmp"))):
+            shutil.rmtree(os.path.join(ckdir, entry), ignore_errors=True) if os.path.isdir(
+                os.path.join(ckdir, entry)) else os.remove(os.path.join(ckdir, entry))
+
+
+def checkpoint_files(ckdir) -> tuple[str, str] | None:
+    """(state.json, weights.safetensors) of the current save in `ckdir`, or None when there is none."""
+    path = os.path.join(ckdir, CKPT_LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    if not name.startswith("save-") or os.sep in name:
+        raise ValueError(f"out_dir: {path} names {name!r}, not a save of this checkpoint folder")
+    d = os.path.join(ckdir, name)
+    return os.path.join(d, CKPT_STATE), os.path.join(d, CKPT_WEIGHTS)
 
 
 def load_checkpoint(ckdir):
@@ -101,9 +132,12 @@ def load_checkpoint(ckdir):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    spath, wpath = os.path.join(ckdir, CKPT_STATE), os.path.join(ckdir, CKPT_WEIGHTS)
-    if not (os.path.isfile(spath) and os.path.isfile(wpath)):
+    files = checkpoint_files(ckdir)
+    if files is None:
         return None
+    spath, wpath = files
+    if not (os.path.isfile(spath) and os.path.isfile(wpath)):
+        raise ValueError(f"out_dir: the checkpoint in {ckdir} is incomplete ({spath} or {wpath} missing)")
     with open(spath) as f:
         state = json.load(f)
     with safe_open(wpath, framework="pt") as f:

@@ -4,17 +4,14 @@
     model = devit_ext.decompose(teacher, 2, budgets=[0.3, 0.1])   # heterogeneous devices
     model = devit_ext.decompose(vit_l, 4, budgets=[{"embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_hidden": 768}] * 4)
 
-Steps: validate the teacher (`model.teacher_config`) and the arguments; turn
-each device's budget into a sub-model shape; split the classes into groups
+Steps: validate the teacher (`shapes.teacher_config`) and the arguments; turn
+each device's budget into a sub-model shape (`budgets.py`); split the classes into groups
 (`partition.py`); score the teacher's units for each group (`importance.py`);
 slice the teacher's weights down to the kept units (`prune`); initialise the
 fusion head from the teacher (`init_fusion`).
 """
 from __future__ import annotations
 
-import copy
-import math
-import numbers
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -22,192 +19,10 @@ import torch.nn as nn
 
 from . import importance as imp
 from . import partition as part
-from .model import DeViT, FusionHead, SubViT, num_tokens, teacher_config, vit_flops
-
-DEFAULT_TOTAL_FRACTION = 0.4  # default: all devices together get 40% of the teacher's FLOPs, equal shares
-SEARCH_TOL = 0.03  # shape search aims within 3% of the budget ...
-BUDGET_TOL = 0.10  # ... and fails loudly beyond 10%
-SHAPE_KEYS = ("embed_dim", "depth", "num_heads", "mlp_hidden")
-
-
-# ---------------------------------------------------------------------------
-# Shapes, parameter counts, budgets
-# ---------------------------------------------------------------------------
-
-
-def shape_config(tcfg: dict, embed_dim: int, blocks: Sequence[dict], num_classes: int) -> dict:
-    """A SubViT config: the teacher's with width, blocks and (local) class count replaced."""
-    cfg = copy.deepcopy(tcfg)
-    cfg["embed_dim"] = int(embed_dim)
-    cfg["blocks"] = [{"num_heads": int(b["num_heads"]), "mlp_hidden": int(b["mlp_hidden"])} for b in blocks]
-    cfg["num_classes"] = int(num_classes)
-    return cfg
-
-
-def uniform_config(tcfg: dict, d: int, depth: int, heads: int, mlp: int, num_classes: int = 1) -> dict:
-    return shape_config(tcfg, d, [{"num_heads": heads, "mlp_hidden": mlp}] * depth, num_classes)
-
-
-def vit_params(cfg: dict) -> int:
-    """Parameters a device runs (local classifier left out); equals `SubViT(cfg).num_params()`."""
-    d, D, P = cfg["embed_dim"], cfg["head_dim"], cfg["num_prefix_tokens"]
-    ph, pw = cfg["patch_size"]
-    n_pos = num_tokens(cfg) - (P if cfg["no_embed_class"] else 0)
-    n = d * cfg["in_chans"] * ph * pw + (d if cfg["patch_bias"] else 0)
-    n += P * d + n_pos * d + (2 * d if cfg["pre_norm"] else 0) + 2 * d
-    for b in cfg["blocks"]:
-        a, m = b["num_heads"] * D, b["mlp_hidden"]
-        n += 2 * d + 3 * a * d + (3 * a if cfg["qkv_bias"] else 0) + a * d + d  # norm1, qkv, proj
-        n += 2 * d + m * d + m + m * d + d  # norm2, fc1, fc2
-        n += 2 * d if cfg["layer_scale"] else 0  # ls1, ls2 gammas
-    return int(n)
-
-
-def describe_shape(cfg: dict) -> str:
-    """'d192 L12 h3 m768', with ranges where blocks differ."""
-
-    def rng(vals):
-        return str(vals[0]) if min(vals) == max(vals) else f"{min(vals)}-{max(vals)}"
-
-    bl = cfg["blocks"]
-    return f"d{cfg['embed_dim']} L{len(bl)} h{rng([b['num_heads'] for b in bl])} m{rng([b['mlp_hidden'] for b in bl])}"
-
-
-def _dims(limit: int) -> list[int]:
-    """Candidate sizes up to `limit`: multiples of 8 (all of 1..limit when it is below 16), plus `limit`."""
-    if limit < 16:
-        return list(range(1, limit + 1))
-    return sorted(set(range(8, limit + 1, 8)) | {limit})
-
-
-def search_shape(tcfg: dict, target: float, kind: str = "flops") -> dict:
-    """The uniform shape (embed_dim, depth, num_heads, mlp_hidden) closest to `target` FLOPs or params.
-
-    Grid: depth 1..L_T, heads 1..H_T (head width kept), embed_dim in multiples
-    of 8 up to the teacher's; mlp_hidden is then solved for the target and
-    rounded to a multiple of 8. Among the shapes within 3% of the target the
-    most teacher-like is taken: embed_dim close to heads x head_dim, MLP ratio
-    close to the teacher's, depth close to L_T x f^0.15 (f the budget fraction:
-    small budgets cut width faster than depth, as the ViT family does; ViT-L at
-    2% gives 13, next to ViT-Ti's 12). A target at or above the teacher's own
-    cost gives the teacher's shape.
-    """
-    dT, D, P = tcfg["embed_dim"], tcfg["head_dim"], tcfg["num_prefix_tokens"]
-    LT, HT = len(tcfg["blocks"]), max(b["num_heads"] for b in tcfg["blocks"])
-    MT = max(b["mlp_hidden"] for b in tcfg["blocks"])
-    cost = vit_flops if kind == "flops" else vit_params
-    full = cost(tcfg)
-    if target >= full:
-        return {"embed_dim": dT, "depth": LT, "num_heads": HT, "mlp_hidden": MT, "blocks": copy.deepcopy(tcfg["blocks"])}
-    ratio, frac = MT / dT, target / full
-    L_pref = max(1.0, LT * frac**0.15)
-    # cost is polynomial in the shape: c0(d) + L * (c1(d, h) + cm(d) * m) with c0, cm affine in d and
-    # c1 bilinear in (d, h); read the coefficients off a few probe configs, then evaluate the grid at once.
-    def probe(d, L, h, m):
-        return float(cost(uniform_config(tcfg, d, L, h, m)))
-
-    def c1(d, h):
-        return probe(d, 2, h, 0) - probe(d, 1, h, 0)
-
-    c0a = (probe(2, 1, 1, 0) - c1(2, 1)) - (probe(1, 1, 1, 0) - c1(1, 1))
-    c0b = (probe(1, 1, 1, 0) - c1(1, 1)) - c0a
-    p11, p12, p21, p22 = c1(1, 1), c1(1, 2), c1(2, 1), c1(2, 2)
-    dh = p22 - p21 - p12 + p11
-    dd, hh = p21 - p11 - dh, p12 - p11 - dh
-    cst = p11 - dh - dd - hh
-    cm1 = probe(1, 1, 1, 1) - probe(1, 1, 1, 0)
-    cma = probe(2, 1, 1, 1) - probe(2, 1, 1, 0) - cm1
-    cmb = cm1 - cma
-    f64 = torch.float64
-    d = torch.tensor(_dims(dT), dtype=f64)[:, None, None]
-    h = torch.arange(1, HT + 1, dtype=f64)[None, :, None]
-    L = torch.arange(1, LT + 1, dtype=f64)[None, None, :]
-    c0, cl, cm = c0a * d + c0b, dh * d * h + dd * d + hh * h + cst, cma * d + cmb
-    m_exact = (target - c0 - L * cl) / (L * cm)
-    cands = []
-    for rnd in (torch.floor, torch.ceil):
-        m_fine = rnd(m_exact).clamp(1, MT)
-        m_8 = (8 * rnd(m_exact / 8)).clamp(8, MT)
-        cands.append(torch.where(m_exact >= 8, m_8, m_fine))
-    m = torch.stack(cands)  # (2, nd, nh, nL)
-    c = c0 + L * (cl + cm * m)
-    err = (c / target - 1).abs()
-    pen = (d / (h * D)).log().abs() + (m / (ratio * d)).log().abs() + 0.5 * (L / L_pref).log().abs()
-    key = torch.where(err <= SEARCH_TOL, pen + err, 1e6 + err)
-    i = int(torch.argmin(key.flatten()))  # first minimum: deterministic
-    _, di, hi, li = torch.unravel_index(torch.tensor(i), key.shape)
-    d, h, L, m = int(d.flatten()[di]), int(h.flatten()[hi]), int(L.flatten()[li]), int(m.flatten()[i])
-    return {"embed_dim": d, "depth": L, "num_heads": h, "mlp_hidden": m, "blocks": [{"num_heads": h, "mlp_hidden": m}] * L}
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def resolve_budgets(tcfg: dict, num_devices: int, budgets) -> tuple[list[dict], list[dict]]:
-    """Per device: (shape, target) where target is {"kind", "value"} or None for explicit shapes."""
-    teacher_flops = vit_flops(tcfg, include_head=True)
-    teacher_params = vit_params(tcfg)
-    if budgets is None:
-        budgets = [DEFAULT_TOTAL_FRACTION / num_devices] * num_devices
-    if isinstance(budgets, (str, bytes, dict)) or not isinstance(budgets, (list, tuple)):
-        raise ValueError(f"budgets: expected a list with one entry per device, got {type(budgets).__name__}")
-    if len(budgets) != num_devices:
-        raise ValueError(f"budgets: {len(budgets)} entries for num_devices={num_devices}")
-    LT = len(tcfg["blocks"])
-    limits = {
-        "embed_dim": tcfg["embed_dim"],
-        "depth": LT,
-        "num_heads": max(b["num_heads"] for b in tcfg["blocks"]),
-        "mlp_hidden": max(b["mlp_hidden"] for b in tcfg["blocks"]),
-    }
-    shapes, targets = [], []
-    for i, b in enumerate(budgets):
-        where = f"budgets[{i}]"
-        if _is_number(b):
-            if not (0 < b <= 1):
-                raise ValueError(f"{where}: fraction of the teacher's FLOPs must be in (0, 1], got {b}")
-            kind, value = "flops", float(b) * teacher_flops
-        elif isinstance(b, dict) and set(b) == {"flops"} or isinstance(b, dict) and set(b) == {"params"}:
-            kind, value = next(iter(b.items()))
-            full = teacher_flops if kind == "flops" else teacher_params
-            if not _is_number(value) or not value > 0:
-                raise ValueError(f"{where}: {kind} must be a positive number, got {value!r}")
-            if value > full:
-                raise ValueError(f"{where}: {kind}={value:.4g} exceeds the teacher's {full:.4g}")
-            value = float(value)
-        elif isinstance(b, dict) and set(b) == set(SHAPE_KEYS):
-            for k in SHAPE_KEYS:
-                v = b[k]
-                if not _is_int(v) or v <= 0:
-                    raise ValueError(f"{where}: {k} must be a positive int, got {v!r}")
-                if v > limits[k]:
-                    raise ValueError(f"{where}: {k}={v} exceeds the teacher's {k} ({limits[k]})")
-            shape = {k: int(b[k]) for k in SHAPE_KEYS}
-            shape["blocks"] = [{"num_heads": shape["num_heads"], "mlp_hidden": shape["mlp_hidden"]}] * shape["depth"]
-            shapes.append(shape)
-            targets.append(None)
-            continue
-        else:
-            raise ValueError(
-                f"{where}: expected a fraction in (0, 1], {{'flops': n}}, {{'params': n}} or an explicit shape "
-                f"with exactly the keys {list(SHAPE_KEYS)}, got {b!r}"
-            )
-        shape = search_shape(tcfg, value, kind)
-        got = (vit_flops if kind == "flops" else vit_params)(shape_config(tcfg, shape["embed_dim"], shape["blocks"], 1))
-        if abs(got / value - 1) > BUDGET_TOL and value < (vit_flops if kind == "flops" else vit_params)(tcfg):
-            raise ValueError(
-                f"{where}: no sub-model shape has {kind} within {BUDGET_TOL:.0%} of {value:.4g} "
-                f"(closest: {got:.4g}); the smallest possible model is larger, raise the budget"
-            )
-        shapes.append(shape)
-        targets.append({"kind": kind, "value": value})
-    return shapes, targets
-
+from .budgets import resolve_budgets
+from .model import DeViT, FusionHead, SubViT
+from .checks import is_int, is_number
+from .shapes import shape_config, teacher_config, vit_flops, vit_params
 
 # ---------------------------------------------------------------------------
 # Physical pruning
@@ -366,9 +181,9 @@ def _json_budgets(budgets):
     if budgets is None:
         return None
     def num(v):
-        return int(v) if _is_int(v) else float(v) if _is_number(v) else str(v)
+        return int(v) if is_int(v) else float(v) if is_number(v) else str(v)
 
-    return [num(b) if _is_number(b) else {str(k): num(v) for k, v in b.items()} if isinstance(b, dict) else str(b)
+    return [num(b) if is_number(b) else {str(k): num(v) for k, v in b.items()} if isinstance(b, dict) else str(b)
             for b in budgets]
 
 
@@ -432,7 +247,7 @@ def decompose(
     C = tcfg["num_classes"]
     if C < 1:
         raise ValueError("teacher: has no classifier (num_classes=0); build it with num_classes > 0")
-    if not _is_int(num_devices):
+    if not is_int(num_devices):
         raise TypeError(f"num_devices: expected an int, got {type(num_devices).__name__}")
     num_devices = int(num_devices)
     if num_devices < 1:
@@ -541,37 +356,3 @@ def decompose(
     p = next(teacher.parameters())
     return model.to(device=p.device, dtype=p.dtype if p.dtype.is_floating_point else None)
 
-
-# ---------------------------------------------------------------------------
-# Reporting
-# ---------------------------------------------------------------------------
-
-
-def _fmt_count(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n))
-
-
-def summary_table(model: DeViT, max_classes: int = 6) -> str:
-    """A text table: one row per device (classes, shape, params, FLOPs, share of the teacher's FLOPs)."""
-    tf = model.meta.get("teacher_flops")
-    rows = [("device", "classes", "shape", "params", "FLOPs", "% teacher")]
-    for i, (m, g) in enumerate(zip(model.submodels, model.class_groups)):
-        shown = ",".join(map(str, g[:max_classes])) + (",..." if len(g) > max_classes else "")
-        f = m.flops()
-        rows.append((str(i), f"{len(g)}: {shown}", describe_shape(m.cfg), _fmt_count(m.num_params()),
-                     _fmt_count(f), f"{100 * f / tf:.1f}" if tf else "-"))
-    ff = model.fusion_flops()
-    fp = sum(p.numel() for p in model.fusion.parameters())
-    rows.append(("fusion", str(model.num_classes), f"{sum(model.widths)}->{model.meta.get('teacher_dim')}->{model.num_classes}",
-                 _fmt_count(fp), _fmt_count(ff), f"{100 * ff / tf:.1f}" if tf else "-"))
-    tot = sum(model.flops()) + ff
-    rows.append(("total", "", "", _fmt_count(sum(model.num_params()) + fp), _fmt_count(tot),
-                 f"{100 * tot / tf:.1f}" if tf else "-"))
-    w = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(r[c].ljust(w[c]) if c < 3 else r[c].rjust(w[c]) for c in range(len(r))).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * x for x in w))
-    head = f"{model.meta.get('teacher_name', 'teacher')}: {_fmt_count(tf) if tf else '?'} FLOPs -> {model.num_devices} devices"
-    return head + "\n" + "\n".join(lines)

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 
@@ -68,20 +67,6 @@ def _fmt(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _latency_ms(fn, x, repeats: int) -> float:
-    import torch
-
-    with torch.no_grad():
-        for _ in range(3):
-            fn(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def _teacher_key(data_name: str, arch: dict, train: dict, seed: int, subset) -> str:
     blob = json.dumps({"data": data_name, "arch": arch, "train": train, "seed": seed, "subset": subset,
                        "format": 1}, sort_keys=True)
@@ -96,10 +81,11 @@ def run(args: argparse.Namespace) -> int:
         print("devit-ext demo: needs torch", file=sys.stderr)
         return 1
     from . import data as D
+    from . import protocol
     from .decomposition import decompose
-    from .dekd import evaluate, train_dekd
-    from .teacher import accuracy, load_teacher, save_teacher, train_teacher
-    from .training import common as U
+    from .dekd import train_dekd
+    from .evaluate import accuracy, latency_ms, local_accuracy
+    from .teacher import load_teacher, save_teacher, train_teacher
 
     if args.devices < 1:
         print(f"devit-ext demo: --devices must be >= 1, got {args.devices}", file=sys.stderr)
@@ -165,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(ckpt_dir, ignore_errors=True)  # the cached teacher replaces it
             say(f"      cached in {tdir}")
     teacher = teacher.to(dev).eval()
-    teacher_acc = accuracy(teacher, test.images, test.labels, device=dev)
+    teacher_acc = accuracy(teacher, test, device=dev)
     say(f"      teacher test accuracy {100 * teacher_acc:.2f}%")
 
     # 2. decompose ------------------------------------------------------------------------
@@ -191,43 +177,26 @@ def run(args: argparse.Namespace) -> int:
     # 4. evaluate ---------------------------------------------------------------------------
     say("[4/4] evaluating on the test split ...")
     model.eval()
-    acc_fp32 = evaluate(model, test, transfer="fp32", device=dev)
-    acc_int8 = evaluate(model, test, transfer="int8", device=dev)
-    acc_missing = evaluate(model, test, transfer="int8", missing=[0], device=dev)
-    owner = {c: i for i, g in enumerate(model.class_groups) for c in g}
-    local_acc = []
-    with torch.no_grad():
-        for i, (m, g) in enumerate(zip(model.submodels, model.class_groups)):
-            keep = torch.isin(test.labels, torch.as_tensor(g))
-            lut = {c: j for j, c in enumerate(g)}
-            yl = torch.tensor([lut[int(c)] for c in test.labels[keep]])
-            z = U.predict(m, test.images[keep], 500, dev)
-            local_acc.append(float((z.argmax(-1) == yl).float().mean()))
-    del owner
-
-    collab = {}
-    try:  # the engines are another module; use them when they exist and work
-        import devit_ext
-
-        for transfer in ("fp32", "int8"):
-            with torch.no_grad():
-                logits = devit_ext.collaborate(model, test.images.to(dev), engine="local", transfer=transfer)
-            collab[transfer] = float((logits.argmax(-1).cpu() == test.labels).float().mean())
-    except Exception as e:  # noqa: BLE001 - reported, never fatal
-        collab = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+    acc_fp32 = accuracy(model, test, transfer="fp32", device=dev)
+    acc_int8 = accuracy(model, test, transfer="int8", device=dev)
+    acc_missing = accuracy(model, test, transfer="int8", missing=[0], device=dev)
+    local_acc = local_accuracy(model, test, device=dev)
+    # the same numbers through the local engine (custom ops, fused sender side)
+    collab = {t: accuracy(model, test, engine="local", transfer=t, device=dev) for t in ("fp32", "int8")}
 
     # latency per image (batch 1), median of timed runs, on this machine
     reps = 5 if args.tiny else 30
     x1 = test.images[:1].to(dev)
-    lat_teacher = _latency_ms(teacher, x1, reps)
-    lat_dev = [_latency_ms(m.forward_tokens, x1, reps) for m in model.submodels]
-    toks = [t.float() for t in model.forward_tokens(x1)]
-    lat_fusion = _latency_ms(model.fusion, toks, reps)
-    lat_seq = _latency_ms(model, x1, reps)
+    lat_teacher = latency_ms(teacher, x1, reps)
+    lat_dev = [latency_ms(m.forward_tokens, x1, reps) for m in model.submodels]
+    with torch.no_grad():
+        toks = [t.float() for t in model.forward_tokens(x1)]
+    lat_fusion = latency_ms(model.fusion, toks, reps)
+    lat_seq = latency_ms(model, x1, reps)
 
-    n_tok = 2 if model.distilled else 1
-    bytes_int8 = [n_tok * (w + 4) for w in model.widths]
-    bytes_fp32 = [n_tok * 4 * w for w in model.widths]
+    n_tok = protocol.tokens_per_image(model)
+    bytes_int8 = [protocol.message_bytes(w, "int8", n_tok) for w in model.widths]
+    bytes_fp32 = [protocol.message_bytes(w, "fp32", n_tok) for w in model.widths]
     dev_flops = [int(f) for f in model.flops()]
     dev_params = [int(p) for p in model.num_params()]
     fusion_flops = int(model.fusion_flops())
@@ -263,10 +232,7 @@ def run(args: argparse.Namespace) -> int:
     say(f"accuracy: DeViT int8 {100 * acc_int8:.2f}% vs teacher {100 * teacher_acc:.2f}% "
         f"({100 * (acc_int8 - teacher_acc):+.2f} points); int8 vs fp32 {100 * (acc_int8 - acc_fp32):+.2f} points; "
         f"devices' FLOPs {100 * sum(dev_flops) / tf:.1f}% of the teacher's")
-    if collab and "error" not in collab:
-        say(f"devit_ext.collaborate(engine='local'): fp32 {100 * collab['fp32']:.2f}%, int8 {100 * collab['int8']:.2f}%")
-    elif collab:
-        say(f"devit_ext.collaborate not used ({collab['error']})")
+    say(f"devit_ext.collaborate(engine='local'): fp32 {100 * collab['fp32']:.2f}%, int8 {100 * collab['int8']:.2f}%")
     say(f"time: teacher {'cached' if cached else f'{teacher_seconds:.0f} s'}, DEKD {dekd_seconds:.0f} s, "
         f"total {total_seconds:.0f} s")
 

@@ -183,13 +183,6 @@ def magnitude(teacher, tcfg: dict, groups: list[list[int]], **_) -> list[dict]:
     return out
 
 
-def _teacher_logits(teacher, x: torch.Tensor) -> torch.Tensor:
-    feats = teacher.forward_features(x)
-    if getattr(teacher, "dist_token", None) is not None:
-        return (teacher.head(feats[:, 0]) + teacher.head_dist(feats[:, 1])) / 2
-    return teacher.head(feats[:, 0])
-
-
 def taylor(teacher, tcfg: dict, groups: list[list[int]], images, labels, batch_size: int = 32, **_) -> list[dict]:
     dev = next(teacher.parameters()).device
     names, params = zip(*[(n, p) for n, p in teacher.named_parameters()])
@@ -214,7 +207,7 @@ def taylor(teacher, tcfg: dict, groups: list[list[int]], images, labels, batch_s
             for sl in _batches(len(idx), batch_size):
                 b = idx[sl]
                 x = images[b].to(dev)
-                z = _teacher_logits(teacher, x)[:, g]
+                z = teacher.forward_head(teacher.forward_features(x))[:, g]  # timm's head (DeiT: mean of both)
                 y = z.argmax(1).detach() if pseudo else local[labels[b]].to(dev)
                 loss = F.cross_entropy(z, y, reduction="sum")
                 grads = torch.autograd.grad(loss, params, allow_unused=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 from typing import Any, Sequence
 
@@ -25,127 +24,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .protocol import fused_logits
+from .shapes import num_tokens, summary_table, teacher_config, vit_flops  # noqa: F401 - teacher_config: used via devit_ext.model
+
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-# ---------------------------------------------------------------------------
-# Shapes and FLOPs
-# ---------------------------------------------------------------------------
-
-
-def _pair(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, (int, float)) else [int(x) for x in v]
-
-
-def num_tokens(cfg: dict) -> int:
-    """Tokens per image: patches plus class (and distillation) token."""
-    gh, gw = (i // p for i, p in zip(cfg["img_size"], cfg["patch_size"]))
-    return gh * gw + cfg["num_prefix_tokens"]
-
-
-def vit_flops(cfg: dict, include_head: bool = False) -> int:
-    """FLOPs (2 per multiply-add) of one image's forward pass, counted for the real shapes.
-
-    Matmuls, convolution and attention products are counted; norms, softmax,
-    GELU and additions are left out (under 1% for ViTs). The local class head is
-    training-only on a device, so it is left out unless asked for.
-    """
-    n = num_tokens(cfg)
-    d, hd = cfg["embed_dim"], cfg["head_dim"]
-    patches = n - cfg["num_prefix_tokens"]
-    ph, pw = cfg["patch_size"]
-    flops = 2 * patches * cfg["in_chans"] * ph * pw * d
-    for blk in cfg["blocks"]:
-        a = blk["num_heads"] * hd
-        m = blk["mlp_hidden"]
-        flops += 2 * n * d * 3 * a  # qkv
-        flops += 2 * 2 * n * n * a  # q k^T and attn v
-        flops += 2 * n * a * d  # proj
-        flops += 2 * 2 * n * d * m  # fc1 + fc2
-    if include_head:
-        flops += 2 * d * cfg["num_classes"] * (2 if cfg["distilled"] else 1)
-    return int(flops)
-
-
-def teacher_config(teacher: nn.Module) -> dict:
-    """The SubViT config describing a timm VisionTransformer exactly, or a clear error.
-
-    Supported: timm `VisionTransformer` and `VisionTransformerDistilled` (vit_*,
-    deit_*, deit3_*) with a class token, token pooling, pre-norm blocks of
-    LayerNorm + Attention + GELU Mlp, optional layer scale and norm_pre.
-    """
-    from timm.layers import LayerScale, Mlp
-    from timm.models.vision_transformer import Attention, Block, VisionTransformer
-
-    supported = (
-        "supported teachers: timm VisionTransformer / VisionTransformerDistilled (vit_*, deit_*, deit3_*) "
-        "with a class token, global_pool='token', no register tokens, no qk-norm, standard pre-norm blocks"
-    )
-    if not isinstance(teacher, VisionTransformer):
-        raise TypeError(f"teacher: expected a timm VisionTransformer, got {type(teacher).__name__}; {supported}")
-    if not getattr(teacher, "has_class_token", False) or teacher.cls_token is None:
-        raise ValueError(f"teacher: has no class token (class_token=False); {supported}")
-    problems = []
-    if teacher.global_pool != "token":
-        problems.append(f"global_pool={teacher.global_pool!r}")
-    if getattr(teacher, "num_reg_tokens", 0):
-        problems.append(f"{teacher.num_reg_tokens} register tokens")
-    if getattr(teacher, "attn_pool", None) is not None:
-        problems.append("attention pooling")
-    if not isinstance(teacher.fc_norm, nn.Identity):
-        problems.append("fc_norm")
-    if not isinstance(teacher.norm, nn.LayerNorm):
-        problems.append(f"final norm {type(teacher.norm).__name__}")
-    if getattr(teacher, "dynamic_img_size", False):
-        problems.append("dynamic_img_size")
-    pe = teacher.patch_embed
-    if not isinstance(getattr(pe, "norm", nn.Identity()), nn.Identity) or not isinstance(pe.proj, nn.Conv2d):
-        problems.append("non-standard patch embedding")
-    for k, blk in enumerate(teacher.blocks):
-        if type(blk) is not Block or type(blk.attn) is not Attention or type(blk.mlp) is not Mlp:
-            problems.append(f"block {k} is {type(blk).__name__}/{type(getattr(blk, 'attn', None)).__name__}")
-            break
-        if not isinstance(blk.attn.q_norm, nn.Identity) or not isinstance(getattr(blk.attn, "norm", nn.Identity()), nn.Identity):
-            problems.append(f"block {k} uses qk/attention norm")
-            break
-        if not isinstance(blk.mlp.act, nn.GELU) or not isinstance(getattr(blk.mlp, "norm", nn.Identity()), nn.Identity):
-            problems.append(f"block {k} MLP is not plain GELU")
-            break
-        if not isinstance(blk.ls1, (nn.Identity, LayerScale)):
-            problems.append(f"block {k} layer scale {type(blk.ls1).__name__}")
-            break
-    if problems:
-        raise ValueError(f"teacher: unsupported ViT variant ({', '.join(problems)}); {supported}")
-
-    distilled = getattr(teacher, "dist_token", None) is not None
-    blk0 = teacher.blocks[0]
-    head_dim = blk0.attn.head_dim
-    img_size = _pair(pe.img_size)
-    patch_size = _pair(pe.patch_size)
-    pcfg = getattr(teacher, "pretrained_cfg", None) or {}
-    return {
-        "img_size": img_size,
-        "patch_size": patch_size,
-        "in_chans": int(pe.proj.in_channels),
-        "embed_dim": int(teacher.embed_dim),
-        "head_dim": int(head_dim),
-        "blocks": [
-            {"num_heads": int(b.attn.num_heads), "mlp_hidden": int(b.mlp.fc1.out_features)} for b in teacher.blocks
-        ],
-        "num_classes": int(teacher.num_classes),
-        "distilled": bool(distilled),
-        "num_prefix_tokens": 2 if distilled else 1,
-        "no_embed_class": bool(teacher.no_embed_class),
-        "layer_scale": isinstance(blk0.ls1, LayerScale),
-        "qkv_bias": blk0.attn.qkv.bias is not None,
-        "patch_bias": pe.proj.bias is not None,
-        "pre_norm": not isinstance(teacher.norm_pre, nn.Identity),
-        "norm_eps": float(teacher.norm.eps),
-        "mean": [float(v) for v in pcfg.get("mean", (0.5, 0.5, 0.5))],
-        "std": [float(v) for v in pcfg.get("std", (0.5, 0.5, 0.5))],
-    }
-
 
 # ---------------------------------------------------------------------------
 # SubViT: a ViT whose blocks may differ in width, with timm's parameter names
@@ -270,6 +154,10 @@ class SubViT(nn.Module):
         z, zd = self.forward_head(self.forward_tokens(x))
         return z if not self.distilled else (z + zd) / 2
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters an optimizer should not decay (timm's convention: tokens and position embedding)."""
+        return {"pos_embed", "cls_token", "dist_token"}
+
     def flops(self) -> int:
         return vit_flops(self.cfg)
 
@@ -285,7 +173,7 @@ class SubViT(nn.Module):
 
 
 class FusionHead(nn.Module):
-    """concat(tokens) -> Linear(sum widths -> d_T) -> Linear(d_T -> C), no non-linearity (METHOD.md).
+    """concat(tokens) -> Linear(sum widths -> d_T) -> Linear(d_T -> C), no non-linearity (the paper's fusion).
 
     With distillation tokens a second branch fuses those and the two logit sets
     are averaged.
@@ -315,9 +203,7 @@ class FusionHead(nn.Module):
         return [self.map(cat)]
 
     def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
-        hs = self.mapped(tokens)
-        logits = [cls(h) for h, (_, cls) in zip(hs, self.branches())]
-        return logits[0] if len(logits) == 1 else (logits[0] + logits[1]) / 2
+        return fused_logits(self, self.mapped(tokens))
 
 
 class DeViT(nn.Module):
@@ -373,9 +259,7 @@ class DeViT(nn.Module):
         return sum(2 * a.in_features * a.out_features + 2 * b.in_features * b.out_features for a, b in self.fusion.branches())
 
     def summary(self) -> str:
-        """Text table: each device's classes, shape, parameters and FLOPs (`decompose.summary_table`)."""
-        from .decomposition import summary_table
-
+        """Text table: each device's classes, shape, parameters and FLOPs (`devit_ext.shapes.summary_table`)."""
         return summary_table(self)
 
     # -- persistence ------------------------------------------------------
@@ -431,8 +315,14 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-class CheckpointError(ValueError):
-    """A saved DeViT that is missing, truncated, edited or does not match its config."""
+class ModelFileError(ValueError):
+    """A saved DeViT (`DeViT.save`) that is missing, truncated, edited or does not match its config.
+
+    Not to be confused with training checkpoints (`devit_ext.checkpoint`, resuming a run).
+    """
+
+
+CheckpointError = ModelFileError  # the name this error had before; kept so existing `except` clauses work
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DeViT:
@@ -444,37 +334,37 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> D
     cfg_path, w_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
-            raise CheckpointError(f"path: {path!r} is not a saved DeViT (missing {os.path.basename(p)})")
+            raise ModelFileError(f"path: {path!r} is not a saved DeViT (missing {os.path.basename(p)})")
     try:
         with open(cfg_path) as f:
             cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"path: {cfg_path} is not valid JSON ({e})") from None
+        raise ModelFileError(f"path: {cfg_path} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or cfg.get("format_version") != FORMAT_VERSION:
         got = cfg.get("format_version") if isinstance(cfg, dict) else None
-        raise CheckpointError(f"path: {cfg_path} has format_version {got!r}, expected {FORMAT_VERSION}")
+        raise ModelFileError(f"path: {cfg_path} has format_version {got!r}, expected {FORMAT_VERSION}")
     try:
         model = DeViT.from_config(cfg)
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"path: {cfg_path} does not describe a DeViT ({type(e).__name__}: {e})") from None
+        raise ModelFileError(f"path: {cfg_path} does not describe a DeViT ({type(e).__name__}: {e})") from None
     try:
         state = load_file(w_path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"path: {w_path} is corrupt or truncated ({e})") from None
+        raise ModelFileError(f"path: {w_path} is corrupt or truncated ({e})") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
-        raise CheckpointError(
+        raise ModelFileError(
             f"path: weights do not match the config (missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''})"
         )
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"path: tensor {k} has shape {tuple(state[k].shape)}, config implies {tuple(v.shape)}")
+            raise ModelFileError(f"path: tensor {k} has shape {tuple(state[k].shape)}, config implies {tuple(v.shape)}")
     digest = state_hash(state)
     if digest != cfg.get("content_hash"):
-        raise CheckpointError(
+        raise ModelFileError(
             f"path: content hash mismatch (config says {str(cfg.get('content_hash'))[:12]}, weights hash to {digest[:12]}): "
             "the files were edited or come from different saves"
         )

@@ -137,9 +137,8 @@ def _train(ctx, tqdm, *, train_data, val_data, teacher, epochs, batch_size, lr, 
     src_kw = dict(device=dev, loader_opts=loader_opts, cache_dir=ckdir, local_world=ctx.local_world)
     train = as_source("train_data", train_data, **src_kw)
     if teacher is None:
-        probe = train.images[:1] if train.kind == "tensors" else train.dataset[0][0][None]
-        arch.setdefault("img_size", int(probe.shape[-1]))
-        arch.setdefault("in_chans", int(probe.shape[1]))
+        arch.setdefault("img_size", int(train.item_shape[-1]))
+        arch.setdefault("in_chans", int(train.item_shape[0]))
         arch.setdefault("num_classes", int(train.labels.max()) + 1)
         teacher = build_teacher(seed=seed, **arch)
     elif arch:
@@ -150,10 +149,12 @@ def _train(ctx, tqdm, *, train_data, val_data, teacher, epochs, batch_size, lr, 
     for src in (train, val):
         if src is not None:
             check_labels(src.name, src.labels, C, "teacher")
-            if src.kind == "tensors":
-                check_shape(src.name, src.images.shape[1:], shape, "teacher")
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"epochs/batch_size/lr: expected positive values, got {epochs}/{batch_size}/{lr}")
+            check_shape(src.name, src.item_shape, shape, "teacher")
+    epochs, batch_size = U.count("epochs", epochs, lo=1), U.count("batch_size", batch_size, lo=1)
+    lr = U.real("lr", lr, lo=0, lo_open=True)
+    weight_decay, clip = U.real("weight_decay", weight_decay, lo=0), U.real("clip", clip, lo=0)
+    shift, seed = U.count("shift", shift), U.count("seed", seed)
+    U.real("dist_timeout", dist_timeout, lo=0, lo_open=True)
     if resume and out_dir is None:
         raise ValueError("resume: needs out_dir (where the checkpoints are)")
     settings = {  # what makes a run this run: resuming with anything else would not continue it
@@ -205,7 +206,7 @@ def _train(ctx, tqdm, *, train_data, val_data, teacher, epochs, batch_size, lr, 
                 if isinstance(logits, tuple):  # distilled teacher in distillation-training mode
                     logits = (logits[0] + logits[1]) / 2
                 loss = R.label_loss(logits, target, ls)
-            stepper.backward(loss, last=k == len(plan) - 1)
+            stepper.backward(loss, last=k == len(plan) - 1, where=f"train_teacher: epoch {epoch + 1} batch {k}")
             sums["loss"] += float(loss.detach()) * len(yb)
             sums["correct"] += int((logits.argmax(-1) == yb).sum())
             sums["seen"] += len(yb)
@@ -275,16 +276,6 @@ def _restore(loaded, ckdir, settings, teacher, opt, sched, steps_per_epoch, ema)
     # restored above), so setting the count is the whole of its state
     sched.last_epoch = start * steps_per_epoch
     return start, float(st["best_val"]), prefixed(tensors, "best") or None, list(st["history"])
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device=None, batch_size: int = 500) -> float:
-    dev = U.resolve_device(device) if device is not None else next(model.parameters()).device
-    was = model.training
-    model.eval()
-    logits = U.predict(model, x, batch_size, dev)
-    model.train(was)
-    return float((logits.argmax(-1) == y).float().mean())
 
 
 def save_teacher(teacher: nn.Module, path, extra: dict | None = None) -> None:

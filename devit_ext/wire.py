@@ -1,4 +1,7 @@
-"""The message between devices: one flat uint8 tensor per (device, micro-batch).
+"""The bytes of a token message between processes: one flat uint8 tensor per (device, micro-batch).
+
+What a message holds and how it is made and fused is `devit_ext.protocol`'s
+(`TokenMessage`); this module lays it out as bytes and checks them on arrival.
 
 Layout (little-endian), a fixed 64-byte header then the payload::
 
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .protocol import FLOAT_TRANSFER_DTYPES, TRANSFERS as _TRANSFER_NAMES, TokenMessage, message_bytes
+
 MAGIC = b"DVTW"
 VERSION = 1
 HEADER_SIZE = 64
@@ -42,9 +47,8 @@ KIND_HELLO = 0
 KIND_TOKENS = 1
 _KINDS = {KIND_HELLO: "hello", KIND_TOKENS: "tokens"}
 
-TRANSFERS = {"int8": 1, "fp16": 2, "fp32": 3}
+TRANSFERS = {name: code for code, name in enumerate(_TRANSFER_NAMES, 1)}  # int8 1, fp16 2, fp32 3
 TRANSFER_NAMES = {v: k for k, v in TRANSFERS.items()}
-_TOKEN_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 _HEADER = struct.Struct("<4sHBB16sHHIqIId8x")
 assert _HEADER.size == HEADER_SIZE
@@ -69,15 +73,13 @@ class Message:
     scales: torch.Tensor | None = None  # float32 (B, T)
     tokens: torch.Tensor | None = None  # float16/float32 (B, T, d)
 
-    @property
-    def nbytes(self) -> int:
-        return HEADER_SIZE + payload_size(self.transfer, self.batch_size, self.num_tokens, self.width) if self.transfer else HEADER_SIZE
+    def token_message(self) -> TokenMessage:
+        """The tokens as a `protocol.TokenMessage` (views into the received buffer)."""
+        return TokenMessage(self.transfer, q=self.q, scales=self.scales, tokens=self.tokens)
 
     def dequantized(self) -> torch.Tensor:
         """Tokens as float32 (B, T, d) whatever the transfer."""
-        if self.transfer == "int8":
-            return self.q.float() * self.scales.float().unsqueeze(-1)
-        return self.tokens.float()
+        return self.token_message().dequantized()
 
 
 def hash_bytes(content_hash: str | bytes) -> bytes:
@@ -90,14 +92,7 @@ def hash_bytes(content_hash: str | bytes) -> bytes:
 
 
 def payload_size(transfer: str, batch_size: int, num_tokens: int, width: int) -> int:
-    n = int(batch_size) * int(num_tokens)
-    if transfer == "int8":
-        return n * (int(width) + 4)
-    if transfer == "fp16":
-        return n * int(width) * 2
-    if transfer == "fp32":
-        return n * int(width) * 4
-    raise ValueError(f"transfer: expected one of {sorted(TRANSFERS)}, got {transfer!r}")
+    return int(batch_size) * message_bytes(width, transfer, num_tokens)
 
 
 def message_size(transfer: str, batch_size: int, num_tokens: int, width: int) -> int:
@@ -254,5 +249,5 @@ def decode(
         msg.scales = s
         msg.q = body[4 * B * T :].view(torch.int8).view(B, T, d)
     else:
-        msg.tokens = body.view(_TOKEN_DTYPES[tname]).view(B, T, d)
+        msg.tokens = body.view(FLOAT_TRANSFER_DTYPES[tname]).view(B, T, d)
     return msg

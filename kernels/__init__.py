@@ -7,6 +7,11 @@ dispatches CUDA tensors here):
 - subvit_attention(qkv, scale=None, *, out=None, ...)   see subvit_attention.py
 - ensemble_fusion(q, scales, widths, map_weight, map_bias, cls_weight, cls_bias, *, out=None, ...)
 
+Both check their arguments (devit_ext.checks) and then call the launch itself,
+`launch_subvit_attention(qkv, shape, scale)` / `launch_ensemble_fusion(q, scales,
+shape, ...)`, which trusts its inputs; devit_ext.ops, having checked already,
+calls those directly.
+
 They run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set
 before this package was imported (how CI tests them). `available()` says
 whether Triton imports; `info()` gives the version, the interpreter flag and
@@ -20,6 +25,8 @@ _IMPORT_ERROR: str | None = None
 if _launch.triton_version() is not None:
     try:
         from .ensemble_fusion import ensemble_fusion
+        from .ensemble_fusion import launch as launch_ensemble_fusion
+        from .subvit_attention import launch as launch_subvit_attention
         from .subvit_attention import subvit_attention
     except Exception as e:  # noqa: BLE001 - a broken triton install must not break `import devit_ext`
         _IMPORT_ERROR = f"{type(e).__name__}: {e}"
@@ -31,6 +38,9 @@ if _launch.triton_version() is None or _IMPORT_ERROR is not None:
 
     def ensemble_fusion(*args, **kwargs):  # type: ignore[no-redef]
         _unavailable()
+
+    launch_subvit_attention = subvit_attention
+    launch_ensemble_fusion = ensemble_fusion
 
 
 def _unavailable():
@@ -54,8 +64,8 @@ def info() -> dict:
         "triton": _launch.triton_version(),
         "available": available(),
         "interpret": _launch.INTERPRET,
-        "error": _IMPORT_ERROR if _launch.triton_version() is not None else _launch._TRITON_ERROR,
+        "error": _IMPORT_ERROR if _launch.triton_version() is not None else _launch.triton_error(),
     }
 
 
-__all__ = ["subvit_attention", "ensemble_fusion", "available", "interpreting", "info"]
+__all__ = ["subvit_attention", "ensemble_fusion", "launch_subvit_attention", "launch_ensemble_fusion", "available", "interpreting", "info"]

@@ -42,6 +42,11 @@ def triton_version() -> str | None:
     return _TRITON_VERSION
 
 
+def triton_error() -> str | None:
+    """Why `import triton` failed (None when it imports)."""
+    return _TRITON_ERROR
+
+
 def require_triton():
     if _TRITON_VERSION is None:
         raise RuntimeError(

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._validate import check_fusion
+from devit_ext.checks import FusionShape, check_fusion
 
 
 @triton.jit
@@ -131,6 +131,16 @@ def ensemble_fusion(
     """Triton launcher. Arguments as devit_ext.ops.ensemble_fusion; returns logits fp32 (B, C) (into `out`
     if given: fp32 (B, C), contiguous last dim). t_splits=1 gives a deterministic single-pass result."""
     shp = check_fusion(q, scales, widths, map_weight, map_bias, cls_weight, cls_bias)
+    return launch(q, scales, shp, map_weight, map_bias, cls_weight, cls_bias, out=out, block_b=block_b,
+                  block_t=block_t, block_k=block_k, t_splits=t_splits, num_warps=num_warps, num_stages=num_stages)
+
+
+def launch(
+    q, scales, shp: FusionShape, map_weight, map_bias, cls_weight, cls_bias,
+    *, out=None, block_b=None, block_t=None, block_k=None, t_splits=None, num_warps=None, num_stages=None,
+):
+    """The launch itself, for arguments already checked by `devit_ext.checks.check_fusion` (which gave
+    `shp`): devit_ext.ops calls this, so its inputs are checked once."""
     _launch.check_launchable("ensemble_fusion", q.device)
     B, T, C = shp.B, shp.T, shp.C
     if out is None:
@@ -184,4 +194,4 @@ def bytes_moved(B: int, K: int, T: int, C: int, M: int, weight_size: int) -> int
     return B * K + 4 * B * M + weight_size * (T * K + T + C * T + C) + 4 * B * C
 
 
-__all__ = ["ensemble_fusion", "k_tiles", "flops", "bytes_moved"]
+__all__ = ["ensemble_fusion", "launch", "k_tiles", "flops", "bytes_moved"]

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._validate import check_attention
+from devit_ext.checks import AttnShape, check_attention
 
 LOG2E = 1.4426950408889634
 
@@ -142,6 +142,13 @@ def subvit_attention(qkv, scale=None, *, out=None, block_m=None, block_n=None, n
     result (a tensor for the stacked form, a list for the list form; last dim contiguous).
     Forward only: gradients go through devit_ext.ops (which falls back to the reference)."""
     shape, s = check_attention(qkv, scale)
+    return launch(qkv, shape, s, out=out, block_m=block_m, block_n=block_n, num_warps=num_warps,
+                  num_stages=num_stages)
+
+
+def launch(qkv, shape: AttnShape, s: float, *, out=None, block_m=None, block_n=None, num_warps=None, num_stages=None):
+    """The launch itself, for arguments already checked by `devit_ext.checks.check_attention`
+    (which gave `shape` and the scale `s`): devit_ext.ops calls this, so its inputs are checked once."""
     _launch.check_launchable("subvit_attention", shape.device)
     B, N, D = shape.B, shape.N, shape.D
     ins = [qkv] if shape.stacked else list(qkv)
@@ -231,4 +238,4 @@ def bytes_moved(B: int, N: int, D: int, heads, element_size: int) -> int:
     return 4 * B * sum(heads) * N * D * element_size
 
 
-__all__ = ["subvit_attention", "flops", "bytes_moved", "LOG2E"]
+__all__ = ["subvit_attention", "launch", "flops", "bytes_moved", "LOG2E"]

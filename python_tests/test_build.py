@@ -165,3 +165,12 @@ def test_import_devit_ext_is_light():
         """
     )
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_dtype_codes_match_native():
+    """devit_ext.checks.DTYPE_CODES (what the ops pass to the kernels) is csrc/dtype.h's table."""
+    if _build.native() is None:
+        pytest.skip("native module missing")
+    from devit_ext.checks import DTYPE_CODES
+
+    assert {str(k).replace("torch.", ""): v for k, v in DTYPE_CODES.items()} == dict(_build.native().DTYPE_CODES)

@@ -1,4 +1,5 @@
 """Checkpoints (devit_ext.checkpoint) in train_teacher: exact resume, mixed-up or foreign checkpoints refused."""
+import os
 import re
 import shutil
 
@@ -39,7 +40,9 @@ def test_teacher_resume_equals_uninterrupted(tiny, tmp_path):
 
     with pytest.raises(_Stop):
         train_teacher(tiny.train, tiny.val, out_dir=out, callback=stop_after_epoch_1, **ARCH, **KW)
-    assert sorted(p.name for p in (out / ckpt.CKPT_DIR).iterdir()) == [ckpt.CKPT_STATE, ckpt.CKPT_WEIGHTS]
+    state, weights = ckpt.checkpoint_files(out / ckpt.CKPT_DIR)
+    assert sorted(os.listdir(os.path.dirname(state))) == [ckpt.CKPT_STATE, ckpt.CKPT_WEIGHTS]
+    assert sorted(os.listdir(out / ckpt.CKPT_DIR)) == [ckpt.CKPT_LATEST, os.path.basename(os.path.dirname(state))]
 
     # a fresh process: other initial weights and global RNG; resume must overwrite both
     torch.manual_seed(123)
@@ -65,10 +68,47 @@ def test_checkpoint_files_from_different_saves_are_refused(tiny, tmp_path):
 
     def keep_epoch1_state(epoch, rec):
         if epoch == 1:
-            shutil.copy(ckdir / ckpt.CKPT_STATE, epoch1_state)
+            shutil.copy(ckpt.checkpoint_files(ckdir)[0], epoch1_state)
 
     kw = dict(KW, epochs=2)
     train_teacher(tiny.train, None, out_dir=out, callback=keep_epoch1_state, **ARCH, **kw)
-    shutil.copy(epoch1_state, ckdir / ckpt.CKPT_STATE)  # epoch 1's JSON beside epoch 2's weights
+    shutil.copy(epoch1_state, ckpt.checkpoint_files(ckdir)[0])  # epoch 1's JSON beside epoch 2's weights
     with pytest.raises(ValueError, match=rf"out_dir: .*{re.escape(str(out))}.*different saves"):
         train_teacher(tiny.train, None, out_dir=out, resume=True, **ARCH, **kw)
+
+
+@pytest.mark.parametrize("where", ["writing the weights", "before LATEST moves"])
+def test_a_kill_during_a_save_keeps_the_last_good_copy(tmp_path, monkeypatch, where):
+    model = torch.nn.Linear(3, 2)
+    ckdir = tmp_path / "checkpoint"
+    ckpt.save_checkpoint(ckdir, model=model, best_state=None, opt=None, state={"epoch": 1})
+    good = ckpt.checkpoint_files(ckdir)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+
+    class Killed(BaseException):
+        pass
+
+    if where == "writing the weights":
+        import safetensors.torch
+
+        def boom(*a, **k):
+            raise Killed
+        monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    else:
+        real = os.replace
+
+        def replace(src, dst):
+            if str(dst).endswith(ckpt.CKPT_LATEST):
+                raise Killed
+            return real(src, dst)
+        monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        ckpt.save_checkpoint(ckdir, model=model, best_state=None, opt=None, state={"epoch": 2})
+    monkeypatch.undo()
+    assert ckpt.checkpoint_files(ckdir) == good
+    state, tensors = ckpt.load_checkpoint(ckdir)
+    assert state["epoch"] == 1 and not torch.equal(tensors["model.weight"], model.weight)
+    ckpt.save_checkpoint(ckdir, model=model, best_state=None, opt=None, state={"epoch": 2})
+    assert len(os.listdir(ckdir)) == 2  # LATEST and the one save: older saves and leftovers removed
+    assert ckpt.load_checkpoint(ckdir)[0]["epoch"] == 2

@@ -13,16 +13,10 @@ timm = pytest.importorskip("timm")
 import devit_ext
 from devit_ext import importance as imp
 from devit_ext import partition as part
-from devit_ext.decomposition import (
-    choose_units,
-    decompose,
-    describe_shape,
-    search_shape,
-    summary_table,
-    uniform_config,
-    vit_params,
-)
-from devit_ext.model import CheckpointError, SubViT, load, teacher_config, vit_flops
+from devit_ext.budgets import search_shape
+from devit_ext.decomposition import choose_units, decompose
+from devit_ext.model import CheckpointError, SubViT, load
+from devit_ext.shapes import describe_shape, summary_table, teacher_config, uniform_config, vit_flops, vit_params
 
 C = 10
 

@@ -6,7 +6,8 @@ import torch
 
 import devit_ext
 from devit_ext import data as D
-from devit_ext import dekd
+from devit_ext import dekd, protocol
+from devit_ext.evaluate import accuracy
 from devit_ext.teacher import build_teacher
 
 torch.set_num_threads(1)
@@ -72,9 +73,9 @@ def test_token_mse_and_fake_quant_straight_through():
     assert dekd.token_mse([a], [b]).item() == pytest.approx(1.0)
     assert dekd.token_mse([a, a], [b, a]).item() == pytest.approx(0.5)
     x = torch.randn(4, 16, requires_grad=True)
-    y = dekd.fake_quant_int8(x)
+    y = protocol.fake_quant_int8(x)
     scale = x.detach().abs().amax(-1, keepdim=True) / 127
-    assert torch.allclose(y, dekd.int8_roundtrip(x.detach()))
+    assert torch.allclose(y, protocol.int8_roundtrip(x.detach()))
     assert ((y - x).abs() <= scale / 2 + 1e-7).all()
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))  # identity gradient
@@ -122,7 +123,7 @@ def test_smoke_both_stages(tiny, distilled, tmp_path):
     loaded = devit_ext.load(tmp_path / "model")
     x = tiny.test.images[:4]
     assert torch.allclose(loaded(x), model(x), atol=1e-6)
-    acc = dekd.evaluate(model, tiny.test, transfer="int8", missing=[0])
+    acc = accuracy(model, tiny.test, transfer="int8", missing=[0])
     assert 0 <= acc <= 1
 
 

@@ -23,6 +23,6 @@ def test_cli_parser_builds_with_every_subcommand():
     from devit_ext.cli import COMMANDS, build_parser
 
     parser = build_parser()  # imports every subcommand's module
-    assert set(COMMANDS) == {"demo", "bench", "worker"}
+    assert set(COMMANDS) == {"demo", "bench", "worker", "decompose", "train", "evaluate", "export"}
     args = parser.parse_args(["bench", "kernels", "--device", "cpu"])
     assert (args.command, args.suite, args.device) == ("bench", "kernels", "cpu")

@@ -4,6 +4,10 @@ Each suite module exposes `run(device: str, quick: bool) -> list[Table]`;
 every row holds a time and a ratio against a baseline measured in the same
 run, on the same tensors. Tables are printed and written as CSV + JSON with
 the machine, versions and commit (see timing.py).
+
+`static` is different: it times nothing; it compiles every GPU kernel for the
+archs given (no GPU needed) and reports registers, spills, shared memory,
+tensor-core use and occupancy (see static.py).
 """
 from __future__ import annotations
 
@@ -18,17 +22,26 @@ from .timing import Table, machine_info
 SUITES = {
     "kernels": ["devit_ext.bench.quant", "devit_ext.bench.triton_ops"],
     "e2e": ["devit_ext.bench.e2e"],
+    "train": ["devit_ext.bench.train"],
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suite", choices=sorted(SUITES), help="kernels: op microbenchmarks; e2e: whole models")
+    p.add_argument("suite", choices=sorted([*SUITES, "static"]),
+                   help="kernels: op microbenchmarks; e2e: whole models; train: DEKD training throughput; "
+                        "static: compile for the GPU and read the result")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--quick", action="store_true", help="fewer sizes and iterations (smoke run)")
     p.add_argument("--out", default="bench-results", help="folder for the CSV/JSON files")
+    p.add_argument("--arch", default="80,90", help="static: CUDA archs to compile for (default 80,90)")
+    p.add_argument("--json", default=None, help="static: write {rows, picks, checks, ...} to this file")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.suite == "static":
+        from . import static
+
+        return static.main(args)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,6 +1,6 @@
 """`devit-ext bench e2e`: whole-model latency and throughput, teacher vs. decomposed.
 
-GPU (canonical, ISSUE 6): teacher timm `vit_large_patch16_224` (random weights,
+GPU (the canonical setting): teacher timm `vit_large_patch16_224` (random weights,
 100 classes), 4 ViT-Ti-shaped sub-models (192 wide, 3 heads, 12 blocks, MLP
 768), bf16, batches 1, 8, 64, 256. Rows, all in one run on the same inputs:
 
@@ -49,7 +49,6 @@ NUM_DEVICES = 4
 GPU_TEACHER = "vit_large_patch16_224"
 GPU_SUB = {"embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_hidden": 768}
 CPU_TEACHER = "vit_small_patch16_224"
-CPU_FALLBACK_SUB = {"embed_dim": 128, "depth": 9, "num_heads": 2, "mlp_hidden": 512}  # ~10% of ViT-S FLOPs
 
 
 # ---------------------------------------------------------------------------
@@ -65,19 +64,16 @@ def make_teacher(name: str = GPU_TEACHER, num_classes: int = NUM_CLASSES, **kw) 
 
 def build_devit(teacher: nn.Module, shapes: list[dict], seed: int = 0):
     """A DeViT with the given sub-model shapes on `teacher`'s config (random weights)."""
-    from ..model import DeViT, FusionHead, SubViT, teacher_config
+    from ..model import DeViT, FusionHead, SubViT
+    from ..shapes import shape_config, teacher_config
 
     tcfg = teacher_config(teacher)
     torch.manual_seed(seed)
     subs = []
     n = len(shapes)
     for s in shapes:
-        c = dict(tcfg)
-        c.update(
-            embed_dim=int(s["embed_dim"]),
-            blocks=[{"num_heads": int(s["num_heads"]), "mlp_hidden": int(s["mlp_hidden"])}] * int(s["depth"]),
-            num_classes=max(1, tcfg["num_classes"] // n),
-        )
+        blocks = [{"num_heads": int(s["num_heads"]), "mlp_hidden": int(s["mlp_hidden"])}] * int(s["depth"])
+        c = shape_config(tcfg, int(s["embed_dim"]), blocks, max(1, tcfg["num_classes"] // n))
         sub = SubViT(c)
         with torch.no_grad():  # zeros in cls/pos would make every token alike; keep it ViT-like
             sub.cls_token.normal_(std=0.02)
@@ -92,24 +88,18 @@ def build_devit(teacher: nn.Module, shapes: list[dict], seed: int = 0):
 
 def default_cpu_shape(teacher: nn.Module) -> tuple[dict, str]:
     """The sub-model shape the decomposition's default budget gives (40% of the teacher in total)."""
-    from ..model import teacher_config
+    from .. import budgets as dec
+    from ..shapes import teacher_config
 
-    try:
-        import importlib
-
-        dec = importlib.import_module("devit_ext.decomposition")
-
-        tcfg = teacher_config(teacher)
-        frac = dec.DEFAULT_TOTAL_FRACTION / NUM_DEVICES
-        cfg = dec.resolve_budgets(tcfg, NUM_DEVICES, None)[0][0]  # device 0 of the default budgets
-        blocks = cfg["blocks"]
-        if any(b != blocks[0] for b in blocks):
-            raise ValueError("non-uniform blocks")
-        shape = {"embed_dim": cfg["embed_dim"], "depth": len(blocks), "num_heads": blocks[0]["num_heads"],
-                 "mlp_hidden": blocks[0]["mlp_hidden"]}
-        return shape, f"decompose default budget: {frac:.2f} of the teacher's FLOPs per device"
-    except Exception as e:  # noqa: BLE001 - the fallback is named in the table
-        return dict(CPU_FALLBACK_SUB), f"fixed ~10% shape (decompose default unavailable: {type(e).__name__}: {e})"
+    tcfg = teacher_config(teacher)
+    frac = dec.DEFAULT_TOTAL_FRACTION / NUM_DEVICES
+    cfg = dec.resolve_budgets(tcfg, NUM_DEVICES, None)[0][0]  # device 0 of the default budgets
+    blocks = cfg["blocks"]
+    if any(b != blocks[0] for b in blocks):
+        raise ValueError(f"the default budget gave uneven blocks {blocks}; the stacked baseline needs even ones")
+    shape = {"embed_dim": cfg["embed_dim"], "depth": len(blocks), "num_heads": blocks[0]["num_heads"],
+             "mlp_hidden": blocks[0]["mlp_hidden"]}
+    return shape, f"decompose default budget: {frac:.2f} of the teacher's FLOPs per device"
 
 
 class PlainStacked(nn.Module):
@@ -292,7 +282,7 @@ def run(device: str, quick: bool) -> list[Table]:
 
 
 def _run_gpu(quick: bool) -> Table:
-    import devit_ext
+    from ..engines import collaborate
 
     dt = torch.bfloat16
     skip = set(_env_list("DEVIT_E2E_SKIP"))
@@ -328,7 +318,7 @@ def _run_gpu(quick: bool) -> Table:
         stats = {}
 
         def engine(x):
-            out, st = devit_ext.collaborate(model, x, return_stats=True)
+            out, st = collaborate(model, x, return_stats=True)
             stats["st"] = st
             return out
 
@@ -340,7 +330,7 @@ def _run_gpu(quick: bool) -> Table:
         if "compile" not in skip:
 
             def engine_compiled(x):
-                out, st = devit_ext.collaborate(model, x, compile=True, return_stats=True)
+                out, st = collaborate(model, x, compile=True, return_stats=True)
                 stats["st"] = st
                 return out
 
@@ -353,7 +343,7 @@ def _run_gpu(quick: bool) -> Table:
 
 
 def _run_cpu(quick: bool) -> Table:
-    import devit_ext
+    from ..engines import collaborate
 
     skip = set(_env_list("DEVIT_E2E_SKIP"))
     batches = [int(b) for b in _env_list("DEVIT_E2E_BATCHES")] or ([8] if quick else [1, 8])
@@ -361,7 +351,7 @@ def _run_cpu(quick: bool) -> Table:
     teacher = make_teacher(CPU_TEACHER, img_size=img)
     shape, how = default_cpu_shape(teacher)
     model = build_devit(teacher, [shape] * NUM_DEVICES)
-    from ..model import vit_flops, teacher_config
+    from ..shapes import teacher_config, vit_flops
 
     frac = sum(model.flops()) / vit_flops(teacher_config(teacher))
     title = (f"e2e cpu: {CPU_TEACHER} ({img} px) vs {NUM_DEVICES}x(d={shape['embed_dim']},H={shape['num_heads']},"
@@ -373,26 +363,17 @@ def _run_cpu(quick: bool) -> Table:
     st_box: dict = {}
 
     def engine(x):
-        out, st = devit_ext.collaborate(model, x, return_stats=True)
+        out, st = collaborate(model, x, return_stats=True)
         st_box["st"] = st
         return out
 
     def dist(x):
-        out, st = devit_ext.collaborate(model, x, engine="distributed", spawn=True, timeout=60.0, return_stats=True)
+        out, st = collaborate(model, x, engine="distributed", spawn=True, timeout=60.0, return_stats=True)
         st_box["dist"] = st
         return out
 
     dist_name = "distributed engine (loopback, spawned workers)"
-    dist_why = None
-    if "distributed" in skip:
-        dist_why = "DEVIT_E2E_SKIP"
-    else:
-        try:
-            import importlib
-
-            importlib.import_module("devit_ext.engines.distributed")
-        except Exception as e:  # noqa: BLE001 - said in the row
-            dist_why = f"devit_ext.engines.distributed unavailable ({type(e).__name__}: {e})"
+    dist_why = "DEVIT_E2E_SKIP" if "distributed" in skip else None
     for b in batches:
         xs = _inputs(b, model, "cpu", torch.float32, n=2)
         entries = [("teacher eager (timm)", teacher), ("naive loop eager", model), ("plain stacked eager", stacked),

@@ -19,6 +19,7 @@ import torch
 
 from ..ops import quant
 from ..ops import reference as R
+from ..ops.dispatch import quant_path
 from .timing import Table, median_time
 
 EPS = 1e-6
@@ -65,7 +66,7 @@ def _cpu_rows(quick: bool) -> Table:
     sizes = [((1024, 192), torch.float32), ((1024, 192), torch.bfloat16)]
     if not quick:
         sizes += [((4, 256, 192), torch.float16), ((16384, 1024), torch.float32), ((16384, 1024), torch.bfloat16)]
-    path = quant._path(torch.device("cpu"))
+    path = quant_path(torch.device("cpu"))
     for shape, dtype in sizes:
         rows = 1
         for s in shape[:-1]:
@@ -122,7 +123,7 @@ def _graph_time(fn, args, reps: int = 20) -> float:
 
 def _cuda_rows(quick: bool) -> Table:
     t = Table("quant ops cuda: native CUDA vs torch reference")
-    path = quant._path(torch.device("cuda"))
+    path = quant_path(torch.device("cuda"))
     dev = torch.device("cuda")
     copy_bw = _copy_bandwidth(dev)
     sizes = [((4, 256, 192), torch.bfloat16), ((16384, 1024), torch.bfloat16)]

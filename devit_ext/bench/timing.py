@@ -58,7 +58,7 @@ def median_time(
 
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on: card or CPU, versions, commit."""
-    from .. import build_info
+    from ..ops.dispatch import build_info
 
     info: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

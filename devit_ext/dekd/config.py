@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 
+from ..training.common import real
 from .losses import middle_block
 
 STAGES = ("distill", "ensemble")
@@ -59,11 +60,9 @@ def check_setup(model, teacher, stages, subtask_teachers, device_dropout, alpha,
         raise ValueError(f"stages: must run in the order {STAGES}, got {stages!r}")
     if subtask_teachers not in ("restricted", "finetune"):
         raise ValueError(f"subtask_teachers: expected 'restricted' or 'finetune', got {subtask_teachers!r}")
-    if not 0.0 <= float(device_dropout) < 1.0:
-        raise ValueError(f"device_dropout: expected a probability in [0, 1), got {device_dropout!r}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha: expected a weight in [0, 1], got {alpha!r}")
-    if len(tuple(relation_weights)) != 3:
+    real("device_dropout", device_dropout, lo=0, hi=1, hi_open=True)
+    real("alpha", alpha, lo=0, hi=1)
+    if isinstance(relation_weights, (str, bytes)) or len(tuple(relation_weights)) != 3:
         raise ValueError(f"relation_weights: expected (g_Q, g_K, g_V), got {relation_weights!r}")
     return tcfg, stages
 

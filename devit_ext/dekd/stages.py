@@ -13,7 +13,7 @@ import torch
 
 from ..training import common as U
 from ..training.source import check_batch
-from .fused import fused_forward
+from ..protocol import fused_forward
 from .losses import QKVCapture, head_dim
 from .steps import distill_loss, drop_mask, ensemble_loss, teacher_targets
 
@@ -29,6 +29,7 @@ class EpochIO:
     dev: torch.device
     image_shape: tuple
     bar: Any
+    label: str = ""  # where we are, for errors: "train_dekd: stage 'distill' epoch 3"
 
     def batches(self):
         for k, (x, y) in enumerate(self.source.batches(self.plan.batches, self.seed)):
@@ -91,7 +92,8 @@ def distill_epoch(io: EpochIO, model, teacher, subteachers, groups, lut, pairs, 
                     sums[key] += float(out[key].detach()) * n
                 sums["correct"] += int((out["logits"].argmax(-1) == ys[i]).sum())
                 sums["seen"] += n
-            stepper.backward(total if total is not None else _zero_loss(trainable), last=k == len(io.plan) - 1)
+            stepper.backward(total if total is not None else _zero_loss(trainable), last=k == len(io.plan) - 1,
+                             where=f"{io.label} batch {k}")
             io.bar.update(1)
             if sums["seen"]:
                 io.bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}", acc=f"{sums['correct'] / sums['seen']:.3f}")
@@ -118,7 +120,7 @@ def ensemble_epoch(io: EpochIO, model, teacher, stepper, *, alpha, kind, tempera
             out = ensemble_loss(model, xb, target, t_logits, t_tokens, alpha=alpha, kind=kind,
                                 temperature=temperature, token_weight=token_weight, quant_aware=quant_aware,
                                 drop=drop, freeze=freeze, label_smoothing=label_smoothing)
-        stepper.backward(out["loss"], last=k == len(io.plan) - 1)
+        stepper.backward(out["loss"], last=k == len(io.plan) - 1, where=f"{io.label} batch {k}")
         n = xb.shape[0]
         for key in ("loss", "mse", "ce", "kd"):
             sums[key] += float(out[key].detach()) * n

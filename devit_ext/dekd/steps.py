@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ..training.recipe import label_loss
-from .fused import fake_quant_int8, fused_logits
+from ..protocol import fake_quant_int8, fused_logits
 from .losses import QKVCapture, distillation_loss, head_dim, qkv_relation_loss, token_mse
 
 

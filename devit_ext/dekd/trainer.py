@@ -131,16 +131,20 @@ def _train(ctx, tqdm, *, model, teacher, train_data, val_data, stages, epochs, b
                     accum_steps=accum_steps)
     if isinstance(train_data, torch.utils.data.DataLoader) and batch_size is None:
         batch_size = train_data.batch_size
-    batch_size = int(batch_size or 64)
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-    epochs_by = per_stage("epochs", epochs, DEFAULT_EPOCHS, int)
-    lr_by = per_stage("lr", lr, DEFAULT_LR, float)
-    for s in stages:
-        if epochs_by[s] < 1:
-            raise ValueError(f"epochs: stage {s!r} needs at least 1 epoch, got {epochs_by[s]}")
-        if lr_by[s] <= 0:
-            raise ValueError(f"lr: stage {s!r} needs a positive learning rate, got {lr_by[s]}")
+    batch_size = U.count("batch_size", 64 if batch_size is None else batch_size, lo=1)
+    epochs_by = per_stage("epochs", epochs, DEFAULT_EPOCHS, lambda v: U.count("epochs", v, lo=1))
+    lr_by = per_stage("lr", lr, DEFAULT_LR, lambda v: U.real("lr", v, lo=0, lo_open=True))
+    weight_decay = U.real("weight_decay", weight_decay, lo=0)
+    warmup_epochs = U.real("warmup_epochs", warmup_epochs, lo=0)
+    clip = U.real("clip", clip, lo=0)  # 0: no clipping
+    finetune_epochs = U.count("finetune_epochs", finetune_epochs)
+    finetune_lr = U.real("finetune_lr", finetune_lr, lo=0, lo_open=True)
+    temperature = U.real("temperature", temperature, lo=0, lo_open=True)
+    token_weight = U.real("token_weight", token_weight, lo=0)
+    relation_weights = [U.real("relation_weights", w, lo=0) for w in relation_weights]
+    shift = U.count("shift", shift)
+    seed = U.count("seed", seed)
+    U.real("dist_timeout", dist_timeout, lo=0, lo_open=True)
     if resume and out_dir is None:
         raise ValueError("resume: needs out_dir (where the checkpoints are)")
 
@@ -153,8 +157,7 @@ def _train(ctx, tqdm, *, model, teacher, train_data, val_data, stages, epochs, b
     for src in (train, val):
         if src is not None:
             check_labels(src.name, src.labels, C, "the model")
-            if src.kind == "tensors":
-                check_shape(src.name, src.images.shape[1:], shape, "the model")
+            check_shape(src.name, src.item_shape, shape, "the model")
     groups = model.class_groups
     lut = torch.full((C,), -1, dtype=torch.long)  # global class -> local index within its group
     owner = torch.full((C,), -1, dtype=torch.long)  # global class -> device
@@ -249,7 +252,7 @@ def _train(ctx, tqdm, *, model, teacher, train_data, val_data, stages, epochs, b
                          g=U.generator(seed, si + 1, epoch, ctx.rank) if ctx.active else g_plan, dev=dev,
                          image_shape=shape,
                          bar=tqdm(total=len(plan), desc=f"DEKD {stage} {epoch + 1}/{n_epochs}", disable=not progress,
-                                  leave=False))
+                                  leave=False), label=f"train_dekd: stage {stage!r} epoch {epoch + 1}")
             stepper = Stepper(opt, ctx=ctx, lr_at=lambda k: U.cosine_lr(epoch * steps + k, total, warm, base_lr),
                               clip=clip, clip_groups=clip_groups, accum_steps=rcp.accum_steps, ema=ema,
                               ema_source=model, step=0)

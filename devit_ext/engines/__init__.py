@@ -2,8 +2,9 @@
 
 Engines: "local" (all sub-models in this process, engines/local.py) and
 "distributed" (one process per device plus this process as the aggregator,
-engines/distributed.py). Every argument and the images are checked here, before
-any engine does work; engines share the helpers of engines/common.py.
+engines/distributed.py). Every argument and the images are checked and resolved
+here, once (`common.resolve_request`), before any engine does work; the engines
+trust the resulting request and share the helpers of engines/common.py.
 """
 from __future__ import annotations
 
@@ -49,22 +50,18 @@ def collaborate(
     """
     from . import common
 
-    common.check_model(model)
-    common.check_args(engine=engine, transfer=transfer, batch_size=batch_size, timeout=timeout, degrade=degrade)
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats: expected a bool, got {type(return_stats).__name__}")
-    common.check_images(model, images)
-    common.resolve_dtype(dtype, common.resolve_device(model, images, device))  # clear errors before any work
-    opts = dict(transfer=transfer, batch_size=batch_size, timeout=float(timeout), degrade=degrade, device=device,
-                dtype=dtype, **engine_opts)
+    req = common.resolve_request(model, images, engine=engine, transfer=transfer, batch_size=batch_size,
+                                 timeout=timeout, degrade=degrade, device=device, dtype=dtype)
     if engine == "local":
         from . import local
 
-        logits, stats = local.run(model, images, return_stats=return_stats, **opts)
+        logits, stats = local.run(model, images, req, return_stats=return_stats, **engine_opts)
     else:
-        try:
-            dist = importlib.import_module("devit_ext.engines.distributed")
-        except ImportError as e:
-            raise RuntimeError(f"engine='distributed' is not available in this install ({e})") from e
-        logits, stats = dist.run(model, images, **opts)
+        # looked up in sys.modules at call time (not a module attribute), and only when asked for:
+        # the distributed engine pulls in torch.distributed
+        dist = importlib.import_module("devit_ext.engines.distributed")
+        logits, stats = dist.run(model, images, request=req, transfer=transfer, batch_size=batch_size,
+                                 timeout=req.timeout, degrade=degrade, device=device, dtype=dtype, **engine_opts)
     return (logits, stats) if return_stats else logits

@@ -2,17 +2,19 @@
 
 Contract between `collaborate` (engines/__init__.py) and an engine:
 
-- `collaborate` runs `check_args(...)` and `check_images(model, images)` before
-  anything else, so every engine receives validated, *raw* images (uint8 or
+- `collaborate` runs `resolve_request(...)` (model, arguments, images, device,
+  dtype) before anything else and hands the `Request` to the engine, which
+  trusts it; every engine thus receives validated, *raw* images (uint8 or
   float exactly as the caller gave them; a distributed engine can send uint8 on
-  the wire as is).
+  the wire as is). `engines.distributed.run`, also callable on its own, builds
+  the same `Request` when it is not given one.
 - An engine turns raw images into the model's input with
   `normalise_images(model, images, dtype=..., device=...)` (uint8 -> /255 ->
   (x - mean) / std; float is taken as already normalised).
 - An engine returns `(logits float32 (B, C), Stats)`; `collaborate` drops the
   stats unless `return_stats=True`.
-- `message_bytes(width, transfer, tokens)` is the size of one device's message
-  per image, the same number the wire format must produce.
+- What a device sends, its size (`message_bytes`, re-exported here for the
+  engines' stats) and how it is fused are `devit_ext.protocol`'s.
 - `devit_ext.ops.op_paths(device, ...)` says which implementation of each devit op
   runs (native C++/CUDA, Triton, or the pure-torch reference): no silent fallbacks.
 """
@@ -24,8 +26,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ..protocol import TRANSFERS, check_transfer, message_bytes, tokens_per_image  # noqa: F401 - re-exported for the engines
+
 ENGINES = ("local", "distributed")
-TRANSFERS = ("int8", "fp16", "fp32")
 FLOAT_IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # ---------------------------------------------------------------------------
@@ -47,8 +50,7 @@ def check_model(model) -> None:
 def check_args(*, engine, transfer, batch_size, timeout, degrade) -> None:
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
-    if transfer not in TRANSFERS:
-        raise ValueError(f"transfer: expected one of {TRANSFERS}, got {transfer!r}")
+    check_transfer(transfer)
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected None or a positive int, got {batch_size!r}")
@@ -62,7 +64,32 @@ def check_args(*, engine, transfer, batch_size, timeout, degrade) -> None:
         raise TypeError(f"degrade: expected a bool, got {type(degrade).__name__}")
 
 
-def resolve_device(model, images: torch.Tensor, device) -> torch.device:
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A `collaborate` call's arguments, checked and resolved once; engines trust it."""
+
+    engine: str
+    transfer: str
+    batch_size: int | None
+    timeout: float
+    degrade: bool
+    device: torch.device  # where the sub-models (local) or the fusion (distributed) run
+    dtype: torch.dtype  # compute dtype on `device`
+    dtype_arg: Any  # the caller's dtype (checked), for engines that compute on other devices
+    image_kind: str  # "uint8" (raw pixels: normalised by the engine) or "float" (normalised)
+
+
+def resolve_request(model, images, *, engine: str, transfer, batch_size, timeout, degrade, device=None,
+                    dtype=None) -> Request:
+    """Every check of a call, before any work: model, arguments, images, device and dtype."""
+    check_model(model)
+    check_args(engine=engine, transfer=transfer, batch_size=batch_size, timeout=timeout, degrade=degrade)
+    kind = check_images(model, images)
+    dev = compute_device(model, images, device)
+    return Request(engine, transfer, batch_size, float(timeout), degrade, dev, resolve_dtype(dtype, dev), dtype, kind)
+
+
+def compute_device(model, images: torch.Tensor, device) -> torch.device:
     """`device` if given, else the model's parameter device (images are moved there)."""
     if device is not None:
         dev = torch.device(device)
@@ -172,32 +199,6 @@ def micro_batches(n: int, batch_size: int | None) -> list[tuple[int, int]]:
     if batch_size is None or batch_size >= n:
         return [(0, n)]
     return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-
-
-# ---------------------------------------------------------------------------
-# Messages
-# ---------------------------------------------------------------------------
-
-
-def tokens_per_image(model) -> int:
-    """Tokens a device sends per image: the class token, plus the distillation token for DeiT."""
-    return 2 if model.distilled else 1
-
-
-def message_bytes(width: int, transfer: str, tokens: int = 1) -> int:
-    """Payload bytes per image of one device's message (header excluded).
-
-    int8: d int8 values + one fp32 scale per token (d + 4); fp16: 2d; fp32: 4d.
-    """
-    if transfer == "int8":
-        per = int(width) + 4
-    elif transfer == "fp16":
-        per = 2 * int(width)
-    elif transfer == "fp32":
-        per = 4 * int(width)
-    else:
-        raise ValueError(f"transfer: expected one of {TRANSFERS}, got {transfer!r}")
-    return per * int(tokens)
 
 
 # ---------------------------------------------------------------------------

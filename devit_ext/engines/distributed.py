@@ -29,7 +29,7 @@ Faults. Every receive waits with a deadline. Not with Gloo's own
 `Work.wait(timeout)`: on expiry Gloo closes *every* connection of the group
 ("Application timeout caused pair closure"), so one slow device would take the
 healthy ones down with it, and `Work.is_completed()` does not report a Gloo
-receive as done until someone waits on it. Instead one waiter thread per device
+receive as done until someone waits on it. Instead one waiter thread per device (_waiters.py)
 waits on that device's receives in order and the aggregator waits on the
 thread's event with the deadline. A device that misses it is marked lost and
 gets nothing more (its receive stays posted, its buffer kept alive, so a late
@@ -46,100 +46,24 @@ calls on the same group keep answering without them.
 from __future__ import annotations
 
 import atexit
-import os
-import queue
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .. import ops, wire
-from . import _proto, common
+from .. import ops, protocol, wire
+from . import _proto, _waiters, common
+from ._group import DeviceError, DevicesError, DistributedError, WorkerGroup, WorkerRefused  # noqa: F401 - public errors
 
 ENGINE_OPTS = ("init_method", "world_size", "spawn", "backend", "threads", "worker_device", "rendezvous_timeout",
                "pipeline_depth")
 SPAWN_KEY = "spawn"
 
 
-class DistributedError(RuntimeError):
-    """The distributed engine could not answer: rendezvous, refused worker, or lost devices."""
-
-
-class DeviceError(DistributedError):
-    """One or more devices died, hung or sent a malformed message; `.devices` lists their indices."""
-
-    def __init__(self, message: str, devices: list[int]):
-        super().__init__(message)
-        self.devices = list(devices)
-
-
-class WorkerRefused(DistributedError):
-    """A worker runs another model than the aggregator (content hash mismatch); `.devices` lists them."""
-
-    def __init__(self, message: str, devices: list[int]):
-        super().__init__(message)
-        self.devices = list(devices)
-
-
-class _Slot:
-    __slots__ = ("event", "error")
-
-    def __init__(self):
-        self.event = threading.Event()
-        self.error: BaseException | None = None
-
-
-class _Waiter:
-    """Waits, in order, on one device's receives in a daemon thread (see the module docstring)."""
-
-    def __init__(self, device: int):
-        self.q: "queue.Queue" = queue.Queue()
-        self.thread = threading.Thread(target=self._loop, name=f"devit-recv-device{device}", daemon=True)
-        self.thread.start()
-
-    def _loop(self):
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            work, slot = item
-            try:
-                work.wait(_proto.IDLE)  # explicit: the group's default timeout must not fire here
-            except BaseException as e:  # noqa: BLE001 - handed to the aggregator
-                slot.error = e
-            slot.event.set()
-
-    def submit(self, work) -> _Slot:
-        slot = _Slot()
-        self.q.put((work, slot))
-        return slot
-
-    def stop(self):
-        self.q.put(None)
-
-
-class _Timeout(Exception):
-    pass
-
-
-def _await(slot: _Slot, deadline: float):
-    """Wait for a submitted receive until `deadline` (time.monotonic()); raise its error or _Timeout."""
-    if not slot.event.wait(max(0.0, deadline - time.monotonic())):
-        raise _Timeout("Timed out")
-    if slot.error is not None:
-        raise slot.error
-
-
 _LOCK = threading.RLock()
-_SESSIONS: dict[str, "_Session"] = {}
+_SESSIONS: dict[str, WorkerGroup] = {}
 _HASHES: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -157,273 +81,8 @@ def model_hash(model) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Sessions: one process group (and its workers, when spawned)
+# The registry of groups
 # ---------------------------------------------------------------------------
-
-
-class _Session:
-    def __init__(self, key: str, init_method: str | None, world: int, backend: str, spawned: bool):
-        self.key, self.init_method, self.world, self.backend, self.spawned = key, init_method, world, backend, spawned
-        self.num_devices = world - 1
-        self.store = self.pstore = self.pg = None
-        self.procs: list[subprocess.Popen] = []
-        self.tmpdir: str | None = None
-        self.hash: str | None = None  # the workers' model (from their hellos)
-        self.tokens: list[int] = []
-        self.widths: list[int] = []
-        self.dead: dict[int, str] = {}
-        self.waiters: list[_Waiter] = []
-        self.abandoned: list = []  # buffers of receives given up on: Gloo may still write them
-        self.next_id = 1
-        self.rendezvous_s = 0.0
-        self.comm = torch.device("cpu")
-
-    # -- opening ----------------------------------------------------------
-    def open(self, model, mhash: str, *, timeout: float, rdv_timeout: float, threads: int | None, worker_device: str):
-        t0 = time.perf_counter()
-        if self.backend == "nccl":
-            self.comm = torch.device("cuda", torch.cuda.current_device())
-        if self.spawned:
-            host, port = "127.0.0.1", 0
-            if self.init_method is not None:
-                host, port, _ = _proto.parse_init_method(self.init_method)
-                if host not in ("127.0.0.1", "localhost"):
-                    raise ValueError(f"init_method: spawn=True starts workers on loopback, so use tcp://127.0.0.1:PORT, got {self.init_method!r}")
-            agent = False
-        else:
-            host, port, agent = _proto.parse_init_method(self.init_method)
-        try:
-            self.store, self.pstore = _proto.make_store(host, port, self.world, not agent, rdv_timeout)
-        except Exception as e:  # noqa: BLE001
-            raise DistributedError(
-                f"distributed: cannot host the rendezvous at {host}:{port} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                "is another group using that port?"
-            ) from None
-        if self.spawned:
-            port = self.store.port
-            self.init_method_used = f"tcp://127.0.0.1:{port}"
-            self._spawn(model, mhash, threads, worker_device, timeout)
-        else:
-            self.init_method_used = self.init_method
-        self._wait_joined(rdv_timeout)
-        try:
-            self.pg = _proto.make_group(self.pstore, 0, self.world, rdv_timeout, self.backend, host)
-        except Exception as e:  # noqa: BLE001
-            raise DistributedError(
-                f"distributed: connecting the group at {self.init_method_used} failed within {rdv_timeout:g} s "
-                f"({type(e).__name__}: {str(e).splitlines()[0]}){self._logs()}"
-            ) from None
-        self._hellos(mhash, timeout)
-        self.rendezvous_s = time.perf_counter() - t0
-
-    def _spawn(self, model, mhash: str, threads: int | None, worker_device: str, timeout: float):
-        self.tmpdir = tempfile.mkdtemp(prefix="devit_workers_")
-        saved = model.save(os.path.join(self.tmpdir, "model"))
-        if saved != mhash:
-            raise DistributedError(f"distributed: the saved model hashes to {saved[:12]}, the model to {mhash[:12]}")
-        if threads is None:
-            threads = max(1, (os.cpu_count() or 1) // self.num_devices)
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(threads))
-        for r in range(1, self.world):
-            cmd = [
-                sys.executable, "-m", "devit_ext.engines.worker", "--rank", str(r), "--world-size", str(self.world),
-                "--init-method", self.init_method_used, "--model", os.path.join(self.tmpdir, "model"),
-                "--device", worker_device, "--timeout", repr(float(timeout)), "--backend", self.backend,
-                "--threads", str(threads), "--parent-pid", str(os.getpid()),
-            ]
-            log = open(os.path.join(self.tmpdir, f"worker{r}.log"), "wb")
-            try:
-                # cwd: the temp dir, so `-m` cannot pick up a devit_ext/ source folder from the caller's cwd
-                self.procs.append(subprocess.Popen(
-                    cmd, cwd=self.tmpdir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
-                ))
-            finally:
-                log.close()
-
-    def _wait_joined(self, rdv_timeout: float):
-        deadline = time.monotonic() + rdv_timeout
-        missing = list(range(1, self.world))
-        while True:
-            missing = [r for r in missing if not self.pstore.check([f"joined/{r}"])]
-            if not missing:
-                return
-            if self.spawned:
-                gone = [(r, p.poll()) for r, p in enumerate(self.procs, 1) if p.poll() is not None]
-                if gone:
-                    raise DistributedError(
-                        "distributed: spawned worker(s) exited before joining: "
-                        + ", ".join(f"device {r - 1} (rank {r}) {_exit_text(c)}" for r, c in gone) + self._logs()
-                    )
-            if time.monotonic() > deadline:
-                raise DistributedError(
-                    f"distributed: rendezvous at {self.init_method_used} timed out after {rdv_timeout:g} s: "
-                    f"device(s) {[r - 1 for r in missing]} (rank(s) {missing}) did not join; start them with "
-                    f"`devit-ext worker --rank R --world-size {self.world} --init-method {self.init_method_used} --model PATH`"
-                    + self._logs()
-                )
-            time.sleep(0.02)
-
-    def _hellos(self, mhash: str, timeout: float):
-        self.waiters = [_Waiter(i) for i in range(self.num_devices)]
-        deadline = time.monotonic() + timeout
-        bufs, slots = {}, {}
-        for i in range(self.num_devices):
-            bufs[i] = torch.zeros(wire.HEADER_SIZE, dtype=torch.uint8, device=self.comm)
-            slots[i] = self.waiters[i].submit(self.pg.recv([bufs[i]], i + 1, _proto.TAG_HELLO))
-        hellos, errors = {}, {}
-        for i in range(self.num_devices):
-            try:
-                _await(slots[i], deadline)
-                hellos[i] = wire.decode(bufs[i].cpu(), device=i, kind=wire.KIND_HELLO)
-            except _Timeout:
-                errors[i] = f"no hello within {timeout:g} s"
-                self.abandoned.append(bufs[i])
-            except (RuntimeError, wire.WireError) as e:
-                errors[i] = _short(e)
-        if errors:
-            raise DeviceError(
-                "distributed: no valid hello from " + "; ".join(f"device {i} (rank {i + 1}): {m}" for i, m in errors.items())
-                + self._logs(), sorted(errors))
-        self.hash = hellos[0].model_hash.hex()
-        self.hellos = hellos
-        self.tokens = [hellos[i].num_tokens for i in range(self.num_devices)]
-        self.widths = [hellos[i].width for i in range(self.num_devices)]
-        bad = [i for i, h in hellos.items() if h.model_hash != wire.hash_bytes(mhash)]
-        if bad:
-            self.refuse(bad)
-            raise WorkerRefused(
-                "distributed: refused " + ", ".join(
-                    f"device {i} (rank {i + 1}): it runs another model (content hash {hellos[i].model_hash.hex()}, "
-                    f"the aggregator's model has {wire.hash_bytes(mhash).hex()})" for i in bad
-                ) + "; start every worker with the same saved model (DeViT.save) as the aggregator's", bad)
-        self.hash = mhash
-
-    def refuse(self, bad: list[int]):
-        """Tell refused workers why (they exit with code 3), the others to shut down."""
-        self._tell({i: _proto.CTRL_REFUSE if i in bad else _proto.CTRL_SHUTDOWN for i in range(self.num_devices)})
-        self.told = True
-
-    def _tell(self, kinds: dict[int, int], wait_s: float = 2.0):
-        """Send a control message to devices and wait (bounded) until they have it."""
-        sent = []
-        for i, kind in kinds.items():
-            try:
-                t = _proto.ctrl(kind).to(self.comm)
-                w = self.pg.send([t], i + 1, _proto.TAG_CTRL)
-                sent.append((t, w))
-            except RuntimeError:
-                continue
-        if not sent:
-            return
-        deadline = time.monotonic() + wait_s
-        waiter = _Waiter(-1)  # sends complete in any order: one throwaway thread for all of them
-        slots = [waiter.submit(w) for _, w in sent]
-        waiter.stop()
-        for slot in slots:
-            try:
-                _await(slot, deadline)
-            except (_Timeout, RuntimeError):
-                pass
-        self.abandoned.extend(t for t, _ in sent)
-
-    # -- closing ----------------------------------------------------------
-    def close(self, graceful: bool = True):
-        if self.pg is not None and not getattr(self, "told", False):
-            if graceful:
-                # lost devices get the message too: a worker that was only slow then exits cleanly
-                self._tell({i: _proto.CTRL_SHUTDOWN for i in range(self.num_devices)})
-            elif not self.spawned:
-                # after a fault: external workers still alive are told to exit (spawned ones are killed)
-                self._tell({i: _proto.CTRL_SHUTDOWN for i in range(self.num_devices) if i not in self.dead}, 1.0)
-        for w in self.waiters:
-            w.stop()
-        if self.procs:
-            end = time.monotonic() + (3.0 if graceful else 0.0)
-            for p in self.procs:
-                try:
-                    p.wait(timeout=max(0.0, end - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-            for p in self.procs:
-                if p.poll() is None:
-                    p.kill()
-            for p in self.procs:
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
-        self.pg = None
-        self.pstore = None
-        self.store = None
-        if self.tmpdir:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            self.tmpdir = None
-
-    # -- helpers ----------------------------------------------------------
-    def proc(self, i: int):
-        return self.procs[i] if self.spawned and i < len(self.procs) else None
-
-    def describe_fault(self, i: int, err: BaseException | str, timeout: float) -> str:
-        text = err if isinstance(err, str) else _short(err)
-        if isinstance(err, _Timeout):
-            what = text = f"no message within the timeout of {timeout:g} s (hung or too slow)"
-        elif "closed" in text or "reset" in text or "Connection" in text:
-            what = "the connection was lost (the worker died)"
-        else:
-            what = text
-        p = self.proc(i)
-        if p is not None:
-            try:
-                p.wait(timeout=0.3)
-            except subprocess.TimeoutExpired:
-                pass
-            if p.poll() is not None:
-                what += f"; the worker process {_exit_text(p.poll())}"
-            log = self.worker_log(i).strip()
-            if log:
-                what += f" (its log ends: {log[-300:]!r})"
-        return f"device {i} (rank {i + 1}): {what} [{text}]" if text not in what else f"device {i} (rank {i + 1}): {what}"
-
-    def _logs(self, n: int = 600) -> str:
-        if not self.tmpdir:
-            return ""
-        out = []
-        for r in range(1, self.world):
-            path = os.path.join(self.tmpdir, f"worker{r}.log")
-            try:
-                with open(path, "rb") as f:
-                    text = f.read().decode(errors="replace").strip()
-            except OSError:
-                continue
-            if text:
-                out.append(f"\n--- worker rank {r} log (last {n} chars) ---\n{text[-n:]}")
-        return "".join(out)
-
-    def worker_log(self, i: int) -> str:
-        if not self.tmpdir:
-            return ""
-        try:
-            with open(os.path.join(self.tmpdir, f"worker{i + 1}.log"), "rb") as f:
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-
-def _short(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
-
-
-def _exit_text(code) -> str:
-    if code is None:
-        return "is still running"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 def sessions() -> dict[str, dict]:
@@ -431,7 +90,7 @@ def sessions() -> dict[str, dict]:
     with _LOCK:
         return {
             k: {
-                "init_method": getattr(s, "init_method_used", s.init_method),
+                "init_method": s.init_method_used,
                 "world_size": s.world,
                 "spawned": s.spawned,
                 "worker_pids": [p.pid for p in s.procs],
@@ -459,7 +118,7 @@ atexit.register(shutdown)
 
 
 def _get_session(model, mhash, *, key, init_method, world, backend, spawn, degrade, timeout, rdv_timeout, threads,
-                 worker_device) -> tuple[_Session, bool]:
+                 worker_device) -> tuple[WorkerGroup, bool]:
     s = _SESSIONS.get(key)
     if s is not None:
         reason = None
@@ -491,7 +150,7 @@ def _get_session(model, mhash, *, key, init_method, world, backend, spawn, degra
                 list(range(s.num_devices)))
     if s is not None:
         return s, False
-    s = _Session(key, init_method, world, backend, bool(spawn))
+    s = WorkerGroup(key, init_method, world, backend, bool(spawn))
     try:
         s.open(model, mhash, timeout=timeout, rdv_timeout=rdv_timeout, threads=threads, worker_device=worker_device)
     except BaseException:
@@ -509,7 +168,8 @@ def _get_session(model, mhash, *, key, init_method, world, backend, spawn, degra
 def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int | None = None, timeout: float = 30.0,
         degrade: bool = False, init_method: str | None = None, world_size: int | None = None, spawn: bool = False,
         backend: str | None = None, device=None, dtype=None, threads: int | None = None, worker_device: str = "cpu",
-        rendezvous_timeout: float | None = None, pipeline_depth: int = 2, return_stats: bool = True, **unknown):
+        rendezvous_timeout: float | None = None, pipeline_depth: int = 2, return_stats: bool = True,
+        request: common.Request | None = None, **unknown):
     """Validated raw images -> (logits float32 (B, C) on the images' device, Stats).
 
     init_method: tcp://HOST:PORT (rank 0 = this process hosts the rendezvous)
@@ -520,14 +180,16 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
     workers' compute dtype (default fp32 on CPU). threads: torch threads per
     spawned worker. worker_device: spawned workers' --device.
     rendezvous_timeout: default `timeout`, at least 120 s for spawned workers.
-    pipeline_depth: micro-batches in flight per device (>= 1).
+    pipeline_depth: micro-batches in flight per device (>= 1). request: the
+    `common.Request` that `collaborate` resolved (then the arguments it covers
+    are not checked again); built here when absent.
     """
     if unknown:
         raise TypeError(f"engine='distributed': unknown option(s) {sorted(unknown)}; known: {list(ENGINE_OPTS)}")
-    common.check_model(model)
-    common.check_args(engine="distributed", transfer=transfer, batch_size=batch_size, timeout=timeout, degrade=degrade)
-    common.check_images(model, images)
-    timeout = float(timeout)
+    if request is None:
+        request = common.resolve_request(model, images, engine="distributed", transfer=transfer, batch_size=batch_size,
+                                         timeout=timeout, degrade=degrade, device=device, dtype=dtype)
+    transfer, batch_size, timeout, degrade = request.transfer, request.batch_size, request.timeout, request.degrade
     n_dev = model.num_devices
     world = n_dev + 1
     if world_size is not None and int(world_size) != world:
@@ -546,8 +208,9 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
         raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
     if not isinstance(pipeline_depth, int) or pipeline_depth < 1:
         raise ValueError(f"pipeline_depth: expected a positive int, got {pipeline_depth!r}")
-    dev = common.resolve_device(model, images, device)
-    wdtype = common.resolve_dtype(dtype, torch.device(worker_device) if spawn else torch.device("cpu"))
+    dev = request.device
+    # the workers compute on their own device: resolve the caller's dtype for it
+    wdtype = common.resolve_dtype(request.dtype_arg, torch.device(worker_device) if spawn else torch.device("cpu"))
     rdv = float(rendezvous_timeout) if rendezvous_timeout is not None else (max(timeout, 120.0) if spawn else timeout)
     key = init_method if init_method is not None else SPAWN_KEY
 
@@ -573,11 +236,11 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
         return logits.to(images.device), stats
 
 
-def _run_batches(model, s: _Session, images, *, transfer, batch_size, timeout, degrade, dev, wdtype, depth):
+def _run_batches(model, s: WorkerGroup, images, *, transfer, batch_size, timeout, degrade, dev, wdtype, depth):
     n_dev = s.num_devices
     tokens = s.tokens
     widths = s.widths
-    if widths != model.widths or any(t != (2 if model.distilled else 1) for t in tokens):
+    if widths != model.widths or any(t != protocol.tokens_per_image(model) for t in tokens):
         raise DistributedError(f"distributed: the workers send widths {widths} x tokens {tokens}, the model has {model.widths}")
     T = tokens[0]
     raw = images.detach()
@@ -588,9 +251,6 @@ def _run_batches(model, s: _Session, images, *, transfer, batch_size, timeout, d
     img_code = _proto.IMAGE_CODES[raw.dtype]
     tcode = wire.TRANSFERS[transfer]
     ccode = _proto.COMPUTE_CODES[wdtype]
-    offsets = [0]
-    for w in widths:
-        offsets.append(offsets[-1] + w)
     missing: dict[int, str] = dict(s.dead)
     if len(missing) == n_dev:
         raise DeviceError(f"distributed: every device is lost ({'; '.join(missing.values())})", sorted(missing))
@@ -644,11 +304,11 @@ def _run_batches(model, s: _Session, images, *, transfer, batch_size, timeout, d
                 s.abandoned.append((entry["x"], entry["ctrl"], buf))
                 continue
             try:
-                _await(slot, deadline)
+                _waiters.await_slot(slot, deadline)
                 t_done = time.perf_counter()
                 m = wire.decode(buf.cpu(), expected_hash=s.hash, device=i, batch_id=entry["bid"], batch_size=entry["n"],
                                 num_tokens=T, width=widths[i], transfer=transfer, kind=wire.KIND_TOKENS)
-            except (_Timeout, RuntimeError, wire.WireError) as e:
+            except (_waiters.Timeout, RuntimeError, wire.WireError) as e:
                 s.abandoned.append((entry["x"], entry["ctrl"], buf))
                 fault(i, e, k)
                 continue
@@ -660,7 +320,7 @@ def _run_batches(model, s: _Session, images, *, transfer, batch_size, timeout, d
         if not msgs:
             raise DeviceError(f"distributed: no device answered micro-batch {k} ({'; '.join(missing.values())})", sorted(missing))
         t0 = time.perf_counter()
-        outs.append(_fuse(model, msgs, entry["n"], T, widths, offsets, transfer, dev))
+        outs.append(_fuse(model, msgs, widths, dev))
         fusion_s += time.perf_counter() - t0
 
     logits = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
@@ -670,7 +330,7 @@ def _run_batches(model, s: _Session, images, *, transfer, batch_size, timeout, d
         num_images=int(raw.shape[0]), num_devices=n_dev, micro_batches=len(chunks),
         compute_s=max((compute[i] for i in range(n_dev) if i not in missing), default=0.0),
         device_compute_s=[None if i in missing else compute[i] for i in range(n_dev)],
-        transfer_bytes_per_image=[common.message_bytes(widths[i], transfer, T) for i in range(n_dev)],
+        transfer_bytes_per_image=[protocol.message_bytes(widths[i], transfer, T) for i in range(n_dev)],
         transfer_s=[None if i in missing else wire_t[i] for i in range(n_dev)],
         fusion_s=fusion_s,
         op_paths=ops.op_paths(dev, ("ensemble_fusion",) if transfer == "int8" else ()),
@@ -689,32 +349,8 @@ def _run_batches(model, s: _Session, images, *, transfer, batch_size, timeout, d
     return logits, stats
 
 
-def _fuse(model, msgs: dict, B: int, T: int, widths, offsets, transfer: str, dev) -> torch.Tensor:
+def _fuse(model, msgs: dict, widths, dev) -> torch.Tensor:
     """Messages -> logits (B, C) float32: the fusion head, zeros for missing devices."""
-    branches = model.fusion.branches()
-    total = offsets[-1]
     with torch.inference_mode():
-        if transfer == "int8":
-            q = torch.zeros(B, T, total, dtype=torch.int8)
-            sc = torch.zeros(B, T, len(widths), dtype=torch.float32)
-            for i, m in msgs.items():
-                q[:, :, offsets[i] : offsets[i + 1]] = m.q
-                sc[:, :, i] = m.scales
-            q, sc = q.to(dev), sc.to(dev)
-            fuse = ops.ensemble_fusion
-            out = [
-                fuse(q[:, t].contiguous(), sc[:, t].contiguous(), list(widths), mp.weight, mp.bias, hd.weight, hd.bias)
-                for t, (mp, hd) in enumerate(branches)
-            ]
-        else:
-            x = torch.zeros(B, T, total, dtype=torch.float32)
-            for i, m in msgs.items():
-                x[:, :, offsets[i] : offsets[i + 1]] = m.tokens.float()
-            x = x.to(dev)
-            out = [
-                F.linear(F.linear(x[:, t], mp.weight.float(), None if mp.bias is None else mp.bias.float()),
-                         hd.weight.float(), None if hd.bias is None else hd.bias.float())
-                for t, (mp, hd) in enumerate(branches)
-            ]
-        logits = out[0] if len(out) == 1 else (out[0] + out[1]) / 2
-        return logits.float()
+        ordered = [msgs[i].token_message().to(dev) if i in msgs else None for i in range(len(widths))]
+        return protocol.fuse(ordered, protocol.branches(model.fusion), widths)

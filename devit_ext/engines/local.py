@@ -28,9 +28,8 @@ import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .. import ops
+from .. import ops, protocol
 from . import common
 from .stacked import SenderStack
 
@@ -51,14 +50,13 @@ class LocalEngine:
     def __init__(self, model, device: torch.device, dtype: torch.dtype, transfer: str, *, cuda_graphs: bool = True,
                  max_bucket: int = 256, compile: bool = False):
         self.device, self.dtype, self.transfer = device, dtype, transfer
-        self.ops = ops
         self.num_devices = model.num_devices
         self.widths = list(model.widths)
-        self.T = common.tokens_per_image(model)
+        self.T = protocol.tokens_per_image(model)
         self.num_classes = model.num_classes
         self.in_chans, self.img_size = model.in_chans, tuple(model.img_size)
         with torch.no_grad():
-            self.sender = SenderStack(list(model.submodels), device, dtype, self.ops.subvit_attention)
+            self.sender = SenderStack(list(model.submodels), device, dtype, ops.subvit_attention)
             self.norms = [self.sender.final_norm(m) for m in range(self.num_devices)]
             self.branches = [
                 tuple(
@@ -77,37 +75,14 @@ class LocalEngine:
         self._pool = None
 
     # -- the two halves --------------------------------------------------
-    def send(self, images: torch.Tensor):
-        """Sender side: normalised images -> per-model messages.
-
-        int8: (q int8 (B, T, d_m), scale fp32 (B, T)) per model; fp16/fp32: the
-        tokens (B, T, d_m) in that dtype.
-        """
+    def send(self, images: torch.Tensor) -> list[protocol.TokenMessage]:
+        """Sender side: normalised images -> one `protocol.TokenMessage` per model."""
         toks = self._sender(images)
-        msgs = []
-        for m, x in enumerate(toks):
-            w, b, eps = self.norms[m]
-            x = x.contiguous()
-            if self.transfer == "int8":
-                msgs.append(self.ops.layernorm_quantize_int8(x, w, b, eps))
-            else:
-                y = F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
-                msgs.append(y.to(torch.float16) if self.transfer == "fp16" else y)
-        return msgs
+        return [protocol.encode(x.contiguous(), *self.norms[m], self.transfer) for m, x in enumerate(toks)]
 
     def fuse(self, msgs) -> torch.Tensor:
         """Aggregator: messages -> fp32 logits (B, C)."""
-        logits = None
-        for t, (mw, mb, cw, cb) in enumerate(self.branches):
-            if self.transfer == "int8":
-                q = torch.cat([qm[:, t] for qm, _ in msgs], dim=1)
-                s = torch.stack([sm[:, t] for _, sm in msgs], dim=1).float()
-                z = self.ops.ensemble_fusion(q, s, self.widths, mw, mb, cw, cb)
-            else:
-                h = torch.cat([y[:, t].float() for y in msgs], dim=1)
-                z = F.linear(F.linear(h, mw, mb), cw, cb)
-            logits = z if logits is None else (logits + z) / 2
-        return logits
+        return protocol.fuse(msgs, self.branches, self.widths)
 
     # -- CUDA graphs -----------------------------------------------------
     def bucket(self, b: int) -> int:
@@ -212,11 +187,10 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int | None = None, timeout: float = 30.0,
-        degrade: bool = False, device=None, dtype=None, return_stats: bool = True, **opts):
-    """Validated raw images -> (logits float32 (B, C) on the images' device, Stats or None)."""
-    dev = common.resolve_device(model, images, device)
-    dt = common.resolve_dtype(dtype, dev)
+def run(model, images: torch.Tensor, request: common.Request, *, return_stats: bool = True, **opts):
+    """Raw images, checked with `request` by `collaborate` -> (logits float32 (B, C) on the images'
+    device, Stats or None)."""
+    dev, dt, transfer, batch_size = request.device, request.dtype, request.transfer, request.batch_size
     t_start = time.perf_counter()
     eng = get_engine(model, dev, dt, transfer, opts)
     timing = {"compute_s": 0.0, "fusion_s": 0.0, "events": []} if return_stats else None
@@ -246,7 +220,7 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
         micro_batches=len(chunks),
         compute_s=timing["compute_s"],
         device_compute_s=[None] * model.num_devices,
-        transfer_bytes_per_image=[common.message_bytes(w, transfer, eng.T) for w in eng.widths],
+        transfer_bytes_per_image=[protocol.message_bytes(w, transfer, eng.T) for w in eng.widths],
         transfer_s=[None] * model.num_devices,
         fusion_s=timing["fusion_s"],
         op_paths=ops.op_paths(dev, used),
@@ -262,6 +236,6 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
             "homogeneous": eng.sender.homogeneous,
         },
     )
-    if degrade:
+    if request.degrade:
         stats.notes.append("degrade=True has no effect locally: every device is in this process")
     return logits, stats.finish(latency)

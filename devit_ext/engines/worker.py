@@ -11,7 +11,7 @@ The worker joins the group (within --timeout), sends a hello (its model's
 content hash, device index, token count and width), then per micro-batch
 receives the images, runs its sub-model, fuses the final LayerNorm with int8
 quantisation (`layernorm_quantize_int8`; a LayerNorm and a cast for fp16/fp32)
-and returns one `devit_ext.wire` message. It sends batch k while it already
+(`devit_ext.protocol.encode`) and returns one `devit_ext.wire` message. It sends batch k while it already
 waits for batch k + 1. It exits 0 on the aggregator's shutdown message, 3 when
 the aggregator refuses it (another model), 1 when the aggregator goes away,
 2 on a usage error.
@@ -125,6 +125,7 @@ class _Worker:
     def __init__(self, path: str, rank: int, world: int, device: str, timeout: float):
         import torch
 
+        from .. import protocol
         from ..model import load
 
         self.device = torch.device(device)
@@ -139,7 +140,7 @@ class _Worker:
         self.index = rank - 1
         self.sub = model.submodels[self.index]
         self.hash = model.content_hash()
-        self.tokens = 2 if model.distilled else 1
+        self.tokens = protocol.tokens_per_image(model)
         self.width = self.sub.embed_dim
         self.timeout = float(timeout)
         self._cast: dict = {}
@@ -166,30 +167,21 @@ class _Worker:
     def compute(self, images, transfer: str, dtype, batch_id: int):
         """Raw images -> wire message (uint8 tensor), and the compute seconds."""
         import torch
-        import torch.nn.functional as F
 
-        from .. import ops, wire
+        from .. import protocol, wire
         from . import common
 
         t0 = time.perf_counter()
         with torch.inference_mode():
             x = common.normalise_images(self.model, images, dtype=dtype, device=self.device)
             f = self._sub(dtype).forward_features(x, final_norm=False)[:, : self.tokens]  # (B, T, d) pre-norm
-            B, T, d = f.shape
             norm = self.sub.norm
-            if transfer == "int8":
-                q, s = ops.layernorm_quantize_int8(f.reshape(B * T, d), norm.weight, norm.bias, norm.eps)
-                q, s = q.reshape(B, T, d), s.reshape(B, T)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                dt = time.perf_counter() - t0
-                return wire.encode(self.hash, self.index, batch_id, q=q, scales=s, compute_s=dt), dt
-            y = F.layer_norm(f.float(), (d,), norm.weight.float(), norm.bias.float(), norm.eps)
-            y = y.to(torch.float16 if transfer == "fp16" else torch.float32)
+            msg = protocol.encode(f, norm.weight, norm.bias, norm.eps, transfer)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
-            return wire.encode(self.hash, self.index, batch_id, tokens=y, compute_s=dt), dt
+            return wire.encode(self.hash, self.index, batch_id, q=msg.q, scales=msg.scales, tokens=msg.tokens,
+                               compute_s=dt), dt
 
     def serve(self, pg, backend: str, prefix: str) -> int:
         import torch

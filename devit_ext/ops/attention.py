@@ -5,7 +5,9 @@
   read without a copy), or a list of M tensors (B, N, 3, H_m, D) -> list of
   (B, N, H_m*D) (heterogeneous). scale defaults to 1/sqrt(D).
 - CUDA tensors: the Triton kernel (devit_ext.kernels), one launch for all
-  sub-models. CPU tensors: the reference (torch SDPA).
+  sub-models. CPU tensors: the reference (torch SDPA). `dispatch.fused_path`
+  picks; `devit_ext.checks.check_attention` checks, once per call on the eager
+  path, and the kernel's launch trusts it.
 - Gradients: the op is a forward kernel; its registered backward recomputes the
   reference (torch SDPA) with autograd and differentiates that. Training thus
   uses the reference path's numerics for gradients (documented, not hidden).
@@ -19,22 +21,19 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..checks import check_attention
 from . import reference
-
-
-def _check(qkv, scale):
-    from devit_ext.kernels._validate import check_attention
-
-    return check_attention(qkv, scale)
+from .dispatch import eager_ok, fused_path
 
 
 def _run(qkv, scale: Optional[float]):
-    """Device dispatch shared by both ops (qkv: tensor or list)."""
-    dev = qkv.device if isinstance(qkv, torch.Tensor) else qkv[0].device
-    if dev.type == "cuda":
+    """Checks (`devit_ext.checks`, once) and device dispatch, shared by both ops and the eager path."""
+    shape, s = check_attention(qkv, scale)
+    if fused_path(shape.device) == "triton":
         from devit_ext import kernels
 
-        return kernels.subvit_attention(qkv, scale)
+        return kernels.launch_subvit_attention(qkv, shape, s)  # trusts its (checked) inputs
+    scale = None if scale is None else s
     if isinstance(qkv, torch.Tensor):
         return reference.subvit_attention(qkv, scale).contiguous()
     return [o.contiguous() for o in reference.subvit_attention(list(qkv), scale)]
@@ -42,7 +41,6 @@ def _run(qkv, scale: Optional[float]):
 
 @torch.library.custom_op("devit::subvit_attention", mutates_args=())
 def _subvit_attention_op(qkv: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
-    _check(qkv, scale)
     return _run(qkv, scale)
 
 
@@ -54,7 +52,6 @@ def _(qkv, scale):
 
 @torch.library.custom_op("devit::subvit_attention_list", mutates_args=())
 def _subvit_attention_list_op(qkv: list[torch.Tensor], scale: Optional[float]) -> list[torch.Tensor]:
-    _check(list(qkv), scale)
     return _run(list(qkv), scale)
 
 
@@ -97,9 +94,13 @@ def subvit_attention(qkv: torch.Tensor | Sequence[torch.Tensor], scale: float | 
     Raises ValueError/TypeError naming the argument on bad input (wrong rank or dtype,
     N < 1, D not in (16, 32, 64, 128), mismatched sub-models, non-positive scale).
     """
-    _check(qkv, scale)
-    if scale is not None:
-        scale = float(scale)
+    tensors = [qkv] if isinstance(qkv, torch.Tensor) else list(qkv) if isinstance(qkv, (list, tuple)) else [qkv]
+    if eager_ok(*tensors):
+        return _run(qkv if isinstance(qkv, torch.Tensor) else list(qkv), scale)  # checks once
+    # through torch.ops (compile, export, autograd): check here so the error names the argument
+    # before tracing; the op body checks again for callers of torch.ops.devit.* itself
+    _, s = check_attention(qkv, scale)
+    scale = None if scale is None else s
     if isinstance(qkv, torch.Tensor):
         return _subvit_attention_op(qkv, scale)
     return _subvit_attention_list_op(list(qkv), scale)

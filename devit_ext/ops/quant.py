@@ -31,12 +31,13 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _build
-from . import _checks, reference
+from ..checks import DTYPE_CODES as _CODES
+from ..checks import check_dequantize, check_layernorm, check_quantize
+from . import reference
+from .dispatch import eager_ok as _eager_ok
+from .dispatch import quant_path as _path
 
 __all__ = ["quantize_int8", "dequantize_int8", "layernorm_quantize_int8"]
-
-_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
 
 # ---------------------------------------------------------------- helpers
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -48,18 +49,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, d)
 
 
-def _path(device: torch.device) -> str:
-    """'cuda', 'cpp' or 'reference' for tensors on `device`."""
-    mod = _build.native()
-    if mod is None:
-        return "reference"
-    if device.type == "cpu":
-        return "cpp"
-    if device.type == "cuda" and mod.cuda_compiled():
-        return "cuda"
-    return "reference"
-
-
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -69,56 +58,6 @@ def _param(t: Optional[torch.Tensor]) -> Tuple[int, int, int]:
     if t is None:
         return 0, 0, 0
     return t.data_ptr(), _CODES[t.dtype], t.stride(0)
-
-
-def _eager_ok(*tensors) -> bool:
-    """True when calling the implementation directly is indistinguishable from the op."""
-    if (
-        torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack() != 0
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._functorch.peek_interpreter_stack() is not None
-        or torch._C._autograd._profiler_enabled()
-    ):
-        return False
-    for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or t.requires_grad):
-            return False
-    return True
-
-
-# ---------------------------------------------------------------- argument checks
-def _check_quantize(x) -> None:
-    _checks.check_float("x", x, min_dim=1)
-    if x.shape[-1] < 1:
-        raise ValueError(f"x: expected a last dimension of size >= 1, got shape {tuple(x.shape)}")
-
-
-def _check_dequantize(q, scale, dtype) -> None:
-    _checks.check_tensor("q", q, dtypes=(torch.int8,), min_dim=1)
-    if q.shape[-1] < 1:
-        raise ValueError(f"q: expected a last dimension of size >= 1, got shape {tuple(q.shape)}")
-    _checks.check_tensor("scale", scale, dtypes=(torch.float32,))
-    _checks.check_same_device(q=q, scale=scale)
-    _checks.check_shape("scale", scale, tuple(q.shape[:-1]))
-    if dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
-
-
-def _check_layernorm(x, weight, bias, eps) -> float:
-    _check_quantize(x)
-    d = x.shape[-1]
-    if weight is not None:
-        _checks.check_float("weight", weight, min_dim=1)
-        _checks.check_shape("weight", weight, (d,))
-    if bias is not None:
-        _checks.check_float("bias", bias, min_dim=1)
-        _checks.check_shape("bias", bias, (d,))
-    _checks.check_same_device(x=x, weight=weight, bias=bias)
-    eps = _checks.check_finite_scalar("eps", eps)
-    if eps < 0:
-        raise ValueError(f"eps: expected a finite float >= 0, got {eps}")
-    return eps
 
 
 def _quant_outputs(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -153,7 +92,7 @@ def _quantize_run(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 @torch.library.custom_op("devit::quantize_int8", mutates_args=())
 def _quantize_op(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    _check_quantize(x)
+    check_quantize(x)
     return _quantize_run(x)
 
 
@@ -189,7 +128,7 @@ def _dequantize_run(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 @torch.library.custom_op("devit::dequantize_int8", mutates_args=())
 def _dequantize_op(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    _check_dequantize(q, scale, dtype)
+    check_dequantize(q, scale, dtype)
     return _dequantize_run(q, scale, dtype)
 
 
@@ -247,7 +186,7 @@ def _layernorm_quantize_run(
 def _layernorm_quantize_op(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    eps = _check_layernorm(x, weight, bias, eps)
+    eps = check_layernorm(x, weight, bias, eps)
     return _layernorm_quantize_run(x, weight, bias, eps)
 
 
@@ -263,7 +202,7 @@ def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     x (..., D) float32/float16/bfloat16 -> (q int8 (..., D) in [-127, 127],
     scale float32 (...) = max|row| / 127). An all-zero row gives scale 0, q 0.
     """
-    _check_quantize(x)
+    check_quantize(x)
     if _eager_ok(x):
         return _quantize_run(x)
     return torch.ops.devit.quantize_int8(x)
@@ -271,7 +210,7 @@ def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q int8 (..., D), scale float32 (...) -> q * scale[..., None] (fp32 math) in `dtype`."""
-    _check_dequantize(q, scale, dtype)
+    check_dequantize(q, scale, dtype)
     if _eager_ok(q, scale):
         return _dequantize_run(q, scale, dtype)
     return torch.ops.devit.dequantize_int8(q, scale, dtype)
@@ -285,7 +224,7 @@ def layernorm_quantize_int8(
     The sender side of a device: final norm of the class token, then int8.
     weight / bias: (D,) float tensors or None (then 1 / 0).
     """
-    eps = _check_layernorm(x, weight, bias, eps)
+    eps = check_layernorm(x, weight, bias, eps)
     if _eager_ok(x, weight, bias):
         return _layernorm_quantize_run(x, weight, bias, eps)
     return torch.ops.devit.layernorm_quantize_int8(x, weight, bias, eps)

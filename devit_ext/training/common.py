@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checks import is_int, is_number
+
 
 def resolve_device(device) -> torch.device:
     if device is None:
@@ -85,11 +87,21 @@ def param_groups(modules, weight_decay: float) -> list[dict]:
     return groups
 
 
-@torch.no_grad()
-def predict(fn, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Concatenated fn(batch) over x in batches, on CPU, fp32."""
-    outs = []
-    for i in range(0, x.shape[0], batch_size):
-        with autocast(device):
-            outs.append(fn(x[i : i + batch_size].to(device)).float().cpu())
-    return torch.cat(outs)
+def real(name: str, v, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+         hi_open: bool = False) -> float:
+    """`v` as a float, refused (naming `name`) unless finite and within [lo, hi] (open ends when asked)."""
+    if not is_number(v) or not math.isfinite(float(v)):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    v = float(v)
+    if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and (v > hi or (hi_open and v == hi))):
+        lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+        hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
+        raise ValueError(f"{name}: expected a number {' and '.join(x for x in (lo_s, hi_s) if x)}, got {v!r}")
+    return v
+
+
+def count(name: str, v, *, lo: int = 0) -> int:
+    """`v` as an int >= lo, refused (naming `name`) otherwise; bools and floats are not counts."""
+    if not is_int(v) or int(v) < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+    return int(v)

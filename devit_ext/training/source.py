@@ -39,6 +39,7 @@ class TensorSource:
 
     def __init__(self, name: str, images: torch.Tensor, labels: torch.Tensor):
         self.name, self.images, self.labels = name, images, labels
+        self.item_shape = tuple(images.shape[1:])
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -85,8 +86,9 @@ class DatasetSource:
 
     kind = "dataset"
 
-    def __init__(self, name: str, dataset, labels: torch.Tensor, loader_opts: dict):
+    def __init__(self, name: str, dataset, labels: torch.Tensor, loader_opts: dict, item_shape: tuple):
         self.name, self.dataset, self.labels, self.opts = name, dataset, labels, dict(loader_opts)
+        self.item_shape = tuple(item_shape)  # of the first item, checked when the source was made
         self._sampler = _PlanSampler()
         self._gen = torch.Generator()
         self.loader = DataLoader(dataset, batch_sampler=self._sampler, generator=self._gen, **self.opts)
@@ -107,7 +109,8 @@ class DatasetSource:
 
     def subset(self, indices: torch.Tensor, label_map: torch.Tensor) -> "DatasetSource":
         labels = label_map[self.labels[indices]]
-        return DatasetSource(self.name, _Relabeled(self.dataset, indices, label_map, labels), labels, self.opts)
+        return DatasetSource(self.name, _Relabeled(self.dataset, indices, label_map, labels), labels, self.opts,
+                             self.item_shape)
 
 
 def default_loader_opts(device: torch.device, local_world: int = 1) -> dict:
@@ -143,12 +146,13 @@ def as_source(name: str, data, *, device: torch.device, loader_opts: dict | None
     opts = default_loader_opts(device, local_world)
     if isinstance(data, DataLoader):
         opts = {k: getattr(data, k) for k in LOADER_KEYS if hasattr(data, k)}
-        if not opts.get("num_workers"):
-            opts.pop("prefetch_factor", None)
         data = data.dataset
     elif (pair := _in_memory(data)) is not None and not loader_opts:
         return _tensor_source(name, *pair)
     opts.update(loader_opts or {})
+    if not opts.get("num_workers"):  # DataLoader refuses these without workers
+        opts.pop("prefetch_factor", None)
+        opts.pop("persistent_workers", None)
     if not isinstance(data, Dataset) and not hasattr(data, "__getitem__"):
         raise TypeError(f"{name}: expected a Dataset of (image, label), a DataLoader or (images, labels), "
                         f"got {type(data).__name__}")
@@ -158,8 +162,8 @@ def as_source(name: str, data, *, device: torch.device, loader_opts: dict | None
         raise TypeError(f"{name}: expected a map-style Dataset with a length, got {type(data).__name__}") from None
     if n == 0:
         raise ValueError(f"{name}: the data set is empty")
-    _check_item(name, data[0])
-    return DatasetSource(name, data, read_labels(name, data, opts, cache_dir), opts)
+    first = _check_item(name, data[0])
+    return DatasetSource(name, data, read_labels(name, data, opts, cache_dir), opts, first.shape)
 
 
 def _tensor_source(name: str, x, y) -> TensorSource:
@@ -178,12 +182,15 @@ def _tensor_source(name: str, x, y) -> TensorSource:
     return TensorSource(name, x.float(), y.long())
 
 
-def _check_item(name: str, item) -> None:
+def _check_item(name: str, item) -> torch.Tensor:
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         raise TypeError(f"{name}: items must be (image tensor, int label), got {type(item).__name__}")
     if not isinstance(item[0], torch.Tensor):
         raise TypeError(f"{name}: images must be tensors (C, H, W), got {type(item[0]).__name__}; "
                         "add a transform that ends in ToTensor (and Normalize)")
+    if item[0].dim() != 3:
+        raise ValueError(f"{name}: images must be (C, H, W) tensors, got shape {tuple(item[0].shape)}")
+    return item[0]
 
 
 # ---------------------------------------------------------------------------

@@ -26,8 +26,17 @@ class Stepper:
         self.step = int(step)  # optimizer steps taken so far in this stage
         self._micro = 0
 
-    def backward(self, loss: torch.Tensor, *, last: bool = False) -> bool:
-        """Back-propagate one micro-batch; step when the accumulation is full or at `last`. True if stepped."""
+    def backward(self, loss: torch.Tensor, *, last: bool = False, where: str = "") -> bool:
+        """Back-propagate one micro-batch; step when the accumulation is full or at `last`. True if stepped.
+
+        A non-finite loss stops the run (FloatingPointError naming `where`) before any update: the
+        weights and the last checkpoint (end of the previous epoch) stay as they were.
+        """
+        if not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError(
+                f"{where}: the loss is {float(loss.detach())}; training stopped before this update (the last "
+                "checkpoint, from the end of the previous epoch, is kept). Lower the lr, check the data, or "
+                "use clip")
         (loss / self.accum).backward()
         self._micro += 1
         if self._micro < self.accum and not last:

@@ -1,21 +1,109 @@
-"""Argument checks of subvit_attention and ensemble_fusion (no triton needed).
+"""Argument checks of every devit op, in one place below both the ops and the kernels.
 
-Shared by the Triton launchers and the ops in devit_ext.ops so that every path
-rejects the same bad input, with an error naming the argument, before any launch.
+Each error names the argument and what was expected. The public ops
+(devit_ext.ops) and the public Triton launchers (devit_ext.kernels) run these
+once, before any launch, so bad input never reaches native code or a kernel;
+the kernels' inner launch functions and the C++/CUDA code trust their inputs.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from devit_ext.ops._checks import FLOAT_DTYPES, check_finite_scalar, check_same_device, check_shape, check_tensor
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the dtype codes of csrc/dtype.h (the native module exports the same table as _C.DTYPE_CODES)
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+HEAD_DIMS = (16, 32, 64, 128)  # head widths the attention kernel is built for
 
-HEAD_DIMS = (16, 32, 64, 128)
+
+def is_number(x) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def is_int(x) -> bool:
+    """An integer that is not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_tensor(name: str, t, *, dtypes=None, min_dim: int = 0, dim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name}: expected a {dim}-d tensor, got shape {tuple(t.shape)}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_float(name: str, t, *, min_dim: int = 1) -> None:
+    check_tensor(name, t, dtypes=FLOAT_DTYPES, min_dim=min_dim)
+
+
+def check_same_device(**tensors) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for n, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{n}: expected device {first.device} (the device of {first_name}), got {t.device}")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: tuple) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def check_finite_scalar(name: str, v) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a finite float, got {v!r}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name}: expected a finite float, got {f}")
+    return f
+
+
+# ---------------------------------------------------------------- int8 transfer ops
+def check_quantize(x) -> None:
+    check_float("x", x, min_dim=1)
+    if x.shape[-1] < 1:
+        raise ValueError(f"x: expected a last dimension of size >= 1, got shape {tuple(x.shape)}")
+
+
+def check_dequantize(q, scale, dtype) -> None:
+    check_tensor("q", q, dtypes=(torch.int8,), min_dim=1)
+    if q.shape[-1] < 1:
+        raise ValueError(f"q: expected a last dimension of size >= 1, got shape {tuple(q.shape)}")
+    check_tensor("scale", scale, dtypes=(torch.float32,))
+    check_same_device(q=q, scale=scale)
+    check_shape("scale", scale, tuple(q.shape[:-1]))
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+
+
+def check_layernorm(x, weight, bias, eps) -> float:
+    """Checks layernorm_quantize_int8's arguments; returns eps as a float."""
+    check_quantize(x)
+    d = x.shape[-1]
+    if weight is not None:
+        check_float("weight", weight, min_dim=1)
+        check_shape("weight", weight, (d,))
+    if bias is not None:
+        check_float("bias", bias, min_dim=1)
+        check_shape("bias", bias, (d,))
+    check_same_device(x=x, weight=weight, bias=bias)
+    eps = check_finite_scalar("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps: expected a finite float >= 0, got {eps}")
+    return eps
+
+
+# ---------------------------------------------------------------- subvit_attention, ensemble_fusion
 @dataclass(frozen=True)
 class AttnShape:
     stacked: bool
@@ -111,16 +199,3 @@ def check_fusion(q, scales, widths, map_weight, map_bias, cls_weight, cls_bias) 
         check_shape("cls_bias", cls_bias, (C,))
     check_same_device(q=q, scales=scales, map_weight=map_weight, map_bias=map_bias, cls_weight=cls_weight, cls_bias=cls_bias)
     return FusionShape(B, K, T, C, w)
-
-
-def wants_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(
-        t is not None and isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
-    )
-
-
-def flat(xs: Sequence) -> list:
-    out = []
-    for x in xs:
-        out.extend(x if isinstance(x, (list, tuple)) else [x])
-    return out

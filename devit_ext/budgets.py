@@ -1,0 +1,150 @@
+"""Budgets -> sub-model shapes: what `decompose(..., budgets=...)` accepts and the shape search.
+
+A device's budget is a fraction of the teacher's FLOPs, `{"flops": n}` or
+`{"params": n}`, or an explicit shape `{"embed_dim", "depth", "num_heads",
+"mlp_hidden"}`; `resolve_budgets` turns N of them into N shapes (each within
+`BUDGET_TOL` of its target, or a clear error naming the device), with
+`search_shape` picking the uniform ViT closest to a target cost. Costs come
+from `devit_ext.shapes`.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .checks import is_int, is_number
+from .shapes import shape_config, uniform_config, vit_flops, vit_params
+
+DEFAULT_TOTAL_FRACTION = 0.4  # default: all devices together get 40% of the teacher's FLOPs, equal shares
+SEARCH_TOL = 0.03  # shape search aims within 3% of the budget ...
+BUDGET_TOL = 0.10  # ... and fails loudly beyond 10%
+SHAPE_KEYS = ("embed_dim", "depth", "num_heads", "mlp_hidden")
+
+
+def _dims(limit: int) -> list[int]:
+    """Candidate sizes up to `limit`: multiples of 8 (all of 1..limit when it is below 16), plus `limit`."""
+    if limit < 16:
+        return list(range(1, limit + 1))
+    return sorted(set(range(8, limit + 1, 8)) | {limit})
+
+
+def search_shape(tcfg: dict, target: float, kind: str = "flops") -> dict:
+    """The uniform shape (embed_dim, depth, num_heads, mlp_hidden) closest to `target` FLOPs or params.
+
+    Grid: depth 1..L_T, heads 1..H_T (head width kept), embed_dim in multiples
+    of 8 up to the teacher's; mlp_hidden is then solved for the target and
+    rounded to a multiple of 8. Among the shapes within 3% of the target the
+    most teacher-like is taken: embed_dim close to heads x head_dim, MLP ratio
+    close to the teacher's, depth close to L_T x f^0.15 (f the budget fraction:
+    small budgets cut width faster than depth, as the ViT family does; ViT-L at
+    2% gives 13, next to ViT-Ti's 12). A target at or above the teacher's own
+    cost gives the teacher's shape.
+    """
+    dT, D, P = tcfg["embed_dim"], tcfg["head_dim"], tcfg["num_prefix_tokens"]
+    LT, HT = len(tcfg["blocks"]), max(b["num_heads"] for b in tcfg["blocks"])
+    MT = max(b["mlp_hidden"] for b in tcfg["blocks"])
+    cost = vit_flops if kind == "flops" else vit_params
+    full = cost(tcfg)
+    if target >= full:
+        return {"embed_dim": dT, "depth": LT, "num_heads": HT, "mlp_hidden": MT, "blocks": copy.deepcopy(tcfg["blocks"])}
+    ratio, frac = MT / dT, target / full
+    L_pref = max(1.0, LT * frac**0.15)
+    # cost is polynomial in the shape: c0(d) + L * (c1(d, h) + cm(d) * m) with c0, cm affine in d and
+    # c1 bilinear in (d, h); read the coefficients off a few probe configs, then evaluate the grid at once.
+    def probe(d, L, h, m):
+        return float(cost(uniform_config(tcfg, d, L, h, m)))
+
+    def c1(d, h):
+        return probe(d, 2, h, 0) - probe(d, 1, h, 0)
+
+    c0a = (probe(2, 1, 1, 0) - c1(2, 1)) - (probe(1, 1, 1, 0) - c1(1, 1))
+    c0b = (probe(1, 1, 1, 0) - c1(1, 1)) - c0a
+    p11, p12, p21, p22 = c1(1, 1), c1(1, 2), c1(2, 1), c1(2, 2)
+    dh = p22 - p21 - p12 + p11
+    dd, hh = p21 - p11 - dh, p12 - p11 - dh
+    cst = p11 - dh - dd - hh
+    cm1 = probe(1, 1, 1, 1) - probe(1, 1, 1, 0)
+    cma = probe(2, 1, 1, 1) - probe(2, 1, 1, 0) - cm1
+    cmb = cm1 - cma
+    f64 = torch.float64
+    d = torch.tensor(_dims(dT), dtype=f64)[:, None, None]
+    h = torch.arange(1, HT + 1, dtype=f64)[None, :, None]
+    L = torch.arange(1, LT + 1, dtype=f64)[None, None, :]
+    c0, cl, cm = c0a * d + c0b, dh * d * h + dd * d + hh * h + cst, cma * d + cmb
+    m_exact = (target - c0 - L * cl) / (L * cm)
+    cands = []
+    for rnd in (torch.floor, torch.ceil):
+        m_fine = rnd(m_exact).clamp(1, MT)
+        m_8 = (8 * rnd(m_exact / 8)).clamp(8, MT)
+        cands.append(torch.where(m_exact >= 8, m_8, m_fine))
+    m = torch.stack(cands)  # (2, nd, nh, nL)
+    c = c0 + L * (cl + cm * m)
+    err = (c / target - 1).abs()
+    pen = (d / (h * D)).log().abs() + (m / (ratio * d)).log().abs() + 0.5 * (L / L_pref).log().abs()
+    key = torch.where(err <= SEARCH_TOL, pen + err, 1e6 + err)
+    i = int(torch.argmin(key.flatten()))  # first minimum: deterministic
+    _, di, hi, li = torch.unravel_index(torch.tensor(i), key.shape)
+    d, h, L, m = int(d.flatten()[di]), int(h.flatten()[hi]), int(L.flatten()[li]), int(m.flatten()[i])
+    return {"embed_dim": d, "depth": L, "num_heads": h, "mlp_hidden": m, "blocks": [{"num_heads": h, "mlp_hidden": m}] * L}
+
+
+def resolve_budgets(tcfg: dict, num_devices: int, budgets) -> tuple[list[dict], list[dict]]:
+    """Per device: (shape, target) where target is {"kind", "value"} or None for explicit shapes."""
+    teacher_flops = vit_flops(tcfg, include_head=True)
+    teacher_params = vit_params(tcfg)
+    if budgets is None:
+        budgets = [DEFAULT_TOTAL_FRACTION / num_devices] * num_devices
+    if isinstance(budgets, (str, bytes, dict)) or not isinstance(budgets, (list, tuple)):
+        raise ValueError(f"budgets: expected a list with one entry per device, got {type(budgets).__name__}")
+    if len(budgets) != num_devices:
+        raise ValueError(f"budgets: {len(budgets)} entries for num_devices={num_devices}")
+    LT = len(tcfg["blocks"])
+    limits = {
+        "embed_dim": tcfg["embed_dim"],
+        "depth": LT,
+        "num_heads": max(b["num_heads"] for b in tcfg["blocks"]),
+        "mlp_hidden": max(b["mlp_hidden"] for b in tcfg["blocks"]),
+    }
+    shapes, targets = [], []
+    for i, b in enumerate(budgets):
+        where = f"budgets[{i}]"
+        if is_number(b):
+            if not (0 < b <= 1):
+                raise ValueError(f"{where}: fraction of the teacher's FLOPs must be in (0, 1], got {b}")
+            kind, value = "flops", float(b) * teacher_flops
+        elif isinstance(b, dict) and set(b) == {"flops"} or isinstance(b, dict) and set(b) == {"params"}:
+            kind, value = next(iter(b.items()))
+            full = teacher_flops if kind == "flops" else teacher_params
+            if not is_number(value) or not value > 0:
+                raise ValueError(f"{where}: {kind} must be a positive number, got {value!r}")
+            if value > full:
+                raise ValueError(f"{where}: {kind}={value:.4g} exceeds the teacher's {full:.4g}")
+            value = float(value)
+        elif isinstance(b, dict) and set(b) == set(SHAPE_KEYS):
+            for k in SHAPE_KEYS:
+                v = b[k]
+                if not is_int(v) or v <= 0:
+                    raise ValueError(f"{where}: {k} must be a positive int, got {v!r}")
+                if v > limits[k]:
+                    raise ValueError(f"{where}: {k}={v} exceeds the teacher's {k} ({limits[k]})")
+            shape = {k: int(b[k]) for k in SHAPE_KEYS}
+            shape["blocks"] = [{"num_heads": shape["num_heads"], "mlp_hidden": shape["mlp_hidden"]}] * shape["depth"]
+            shapes.append(shape)
+            targets.append(None)
+            continue
+        else:
+            raise ValueError(
+                f"{where}: expected a fraction in (0, 1], {{'flops': n}}, {{'params': n}} or an explicit shape "
+                f"with exactly the keys {list(SHAPE_KEYS)}, got {b!r}"
+            )
+        shape = search_shape(tcfg, value, kind)
+        got = (vit_flops if kind == "flops" else vit_params)(shape_config(tcfg, shape["embed_dim"], shape["blocks"], 1))
+        if abs(got / value - 1) > BUDGET_TOL and value < (vit_flops if kind == "flops" else vit_params)(tcfg):
+            raise ValueError(
+                f"{where}: no sub-model shape has {kind} within {BUDGET_TOL:.0%} of {value:.4g} "
+                f"(closest: {got:.4g}); the smallest possible model is larger, raise the budget"
+            )
+        shapes.append(shape)
+        targets.append({"kind": kind, "value": value})
+    return shapes, targets
