@@ -112,13 +112,9 @@ def test_distributed_fusion_of_a_degraded_batch_equals_zeroed_tokens(distilled, 
     model = make_model(distilled, seed=2)
     x = torch.randn(4, 3, 16, 16)
     widths = model.widths
-    offsets = [0]
-    for w in widths:
-        offsets.append(offsets[-1] + w)
-    T = 2 if distilled else 1
     with torch.no_grad():
         for missing in ({1}, {0, 2}):
-            got = D._fuse(model, _messages(model, x, transfer, missing), 4, T, widths, offsets, transfer, "cpu")
+            got = D._fuse(model, _messages(model, x, transfer, missing), widths, "cpu")
             want = by_hand(model, x, missing, transfer == "int8")
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             assert (got - by_hand(model, x, set(), transfer == "int8")).abs().max() > 1e-2
