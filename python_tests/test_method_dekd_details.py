@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 
-from devit_ext import dekd
+from devit_ext import dekd, protocol
 from devit_ext.dekd.losses import QKVCapture, middle_block
 from devit_ext.model import SubViT
 
@@ -28,15 +28,15 @@ def test_documented_defaults():
         0.5, "hard", 1.0, 1.0, True, None, False)
     assert _defaults(dekd.distillation_loss) == {"kind": "hard", "temperature": 1.0}
     assert _defaults(dekd.soft_distillation) == {"temperature": 1.0}
-    assert _defaults(dekd.fused_forward) == {"transfer": "fp32", "missing": ()}
+    assert _defaults(protocol.fused_forward) == {"transfer": "fp32", "missing": ()}
 
 
 def test_default_calls_equal_explicit_ones():
     teacher, model = make()
     x = batch()
     with torch.no_grad():
-        a = dekd.fused_forward(model, x)
-        b = dekd.fused_forward(model, x, transfer="fp32")
+        a = protocol.fused_forward(model, x)
+        b = protocol.fused_forward(model, x, transfer="fp32")
     assert torch.equal(a, b)
     z, t = torch.randn(5, 4), torch.randn(5, 4)
     assert torch.equal(dekd.distillation_loss(z, t), dekd.hard_distillation(z, t))
@@ -118,7 +118,7 @@ def test_middle_block_is_the_papers():
 
 def test_int8_roundtrip_keeps_dtype_and_capture_closes():
     t = torch.randn(4, 8, dtype=torch.float16)
-    r = dekd.int8_roundtrip(t)
+    r = protocol.int8_roundtrip(t)
     assert r.dtype == torch.float16 and (r.float() - t.float()).abs().max() <= t.float().abs().max() / 127
     _, model = make()
     cap = QKVCapture(model.submodels[0], [0])
@@ -133,8 +133,8 @@ def test_int8_roundtrip_keeps_dtype_and_capture_closes():
 
 def test_errors_name_the_argument():
     _, model = make()
-    with pytest.raises(ValueError, match=r"^transfer: expected 'fp32' or 'int8', got 'fp16'$"):
-        dekd.fused_forward(model, batch(), transfer="fp16")
+    with pytest.raises(ValueError, match=r"^transfer: .*got 'bf16'"):
+        protocol.fused_forward(model, batch(), transfer="bf16")
     with pytest.raises(ValueError, match=r"^distill_kind: expected 'hard' or 'soft', got 'kl'$"):
         dekd.distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), kind="kl")
     with pytest.raises(ValueError, match=r"^relation_loss: teacher features \(2, 5, 4\) and student features "

@@ -8,6 +8,7 @@ import torch
 import devit_ext
 from devit_ext import data as D
 from devit_ext import dekd
+from devit_ext.evaluate import accuracy
 from devit_ext.teacher import build_teacher, train_teacher
 
 PAPER_WEIGHTS = (0.2, 0.1, 0.3)
@@ -78,10 +79,10 @@ def test_training_beats_chance_and_the_untrained_model():
     with torch.no_grad():  # an untrained fusion map: re-initialised, so the start is not the teacher's init
         for p in model.fusion.parameters():
             p.normal_(std=0.05)
-    before = dekd.evaluate(model, data.test, transfer="int8")
+    before = accuracy(model, data.test, transfer="int8")
     devit_ext.train_dekd(model, teacher, data.train, data.val, epochs=(4, 4), batch_size=16, device="cpu",
                          progress=False, seed=0)
-    after = dekd.evaluate(model, data.test, transfer="int8")
+    after = accuracy(model, data.test, transfer="int8")
     chance = 1 / 6
     assert after >= chance + 0.4, (before, after)
     assert after >= before + 0.2, (before, after)

@@ -1,7 +1,7 @@
 """A missing device changes the answer exactly as zeroing its tokens does.
 
-Checked on the plain-torch collaborative path (`dekd.fused_forward`, which
-`evaluate(missing=...)` and the demo's missing-device row use) and on the
+Checked on the plain-torch collaborative path (`protocol.fused_forward`, which
+`evaluate.accuracy(missing=...)` and the demo's missing-device row use) and on the
 distributed aggregator's fusion of decoded wire messages (`_fuse`, what a
 degraded run answers with). The oracle is the fusion head applied by hand to
 the sub-models' tokens with the missing ones replaced by zeros.
@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from devit_ext import dekd, ops, wire
+from devit_ext import ops, protocol, wire
+from devit_ext.evaluate import accuracy
 from devit_ext.engines import distributed as D
 from devit_ext.model import DeViT, FusionHead, SubViT
 
@@ -68,7 +69,7 @@ def test_fused_forward_missing_equals_zeroed_tokens(distilled, transfer, missing
     model = make_model(distilled)
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
-        got = dekd.fused_forward(model, x, transfer=transfer, missing=missing)
+        got = protocol.fused_forward(model, x, transfer=transfer, missing=missing)
         want = by_hand(model, x, set(missing), transfer == "int8")
         full = by_hand(model, x, set(), transfer == "int8")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -86,8 +87,8 @@ def test_evaluate_counts_with_the_missing_device_zeroed():
     acc_missing = float((z_missing.argmax(-1) == y).float().mean())
     acc_full = float((z_full.argmax(-1) == y).float().mean())
     assert acc_missing != acc_full
-    assert dekd.evaluate(model, (x, y), transfer="int8", missing=[1]) == pytest.approx(acc_missing, abs=1e-6)
-    assert dekd.evaluate(model, (x, y), transfer="int8") == pytest.approx(acc_full, abs=1e-6)
+    assert accuracy(model, (x, y), transfer="int8", missing=[1]) == pytest.approx(acc_missing, abs=1e-6)
+    assert accuracy(model, (x, y), transfer="int8") == pytest.approx(acc_full, abs=1e-6)
 
 
 def _messages(model, x, transfer, missing):

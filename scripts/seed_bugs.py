@@ -60,7 +60,7 @@ BUGS = {
     ),
     "missing-not-zeroed": (
         "missing= devices not zeroed in the fused forward",
-        [("devit_ext/dekd/fused.py", "tokens[i] = torch.zeros_like(tokens[i])", "tokens[i] = tokens[i]")],
+        [("devit_ext/protocol.py", "tokens[i] = torch.zeros_like(tokens[i])", "tokens[i] = tokens[i]")],
         ["python_tests/test_missing_devices.py"],
     ),
     "wire-fields-swapped": (
