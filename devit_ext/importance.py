@@ -315,12 +315,16 @@ def hsic(teacher, tcfg: dict, groups: list[list[int]], images, labels, batch_siz
             Kc = [_centre_gram(_gauss_gram(X[h])) for h in range(H)]
             rel = torch.tensor([_nhsic(K, Lc) for K in Kc])
             red = torch.tensor([[_nhsic(Kc[a], Kc[b]) for b in range(H)] for a in range(H)])
-            # mRMR: greedily pick the head with the best relevance minus mean redundancy with those picked
+            # mRMR: greedily pick the head with the best relevance minus mean redundancy with those picked.
+            # A head whose output is constant on the data (centred Gram exactly 0) carries nothing, yet its
+            # gain is 0, above a relevant head whose redundancy outweighs its relevance: it goes last.
             chosen, rank = [], torch.zeros(H, dtype=torch.float64)
             left = list(range(H))
+            live = {h for h in range(H) if bool(Kc[h].any())}
             while left:
-                gain = [rel[h] - (HSIC_REDUNDANCY * red[h, chosen].mean() if chosen else 0.0) for h in left]
-                best = left[int(torch.tensor(gain).argmax())]
+                pool = [h for h in left if h in live] or left
+                gain = [rel[h] - (HSIC_REDUNDANCY * red[h, chosen].mean() if chosen else 0.0) for h in pool]
+                best = pool[int(torch.tensor(gain).argmax())]
                 rank[best] = H - len(chosen)
                 chosen.append(best)
                 left.remove(best)

@@ -26,7 +26,9 @@ the importance scoring on a large teacher. Every row has `speedup` =
 teacher-eager time / row time (same batch, same run).
 
 Environment knobs (for sizing device runs): DEVIT_E2E_BATCHES="64,256",
-DEVIT_E2E_SKIP="compile,autotune,graph,distributed" (row families to leave out).
+DEVIT_E2E_SKIP="compile,autotune,graph,distributed" (row families to leave out),
+DEVIT_E2E_IMG=32 (CPU only: the teacher's image size, default 224; a smoke-test
+size, the title says which was used).
 """
 from __future__ import annotations
 
@@ -345,13 +347,14 @@ def _run_cpu(quick: bool) -> Table:
 
     skip = set(_env_list("DEVIT_E2E_SKIP"))
     batches = [int(b) for b in _env_list("DEVIT_E2E_BATCHES")] or ([8] if quick else [1, 8])
-    teacher = make_teacher(CPU_TEACHER)
+    img = int(os.environ.get("DEVIT_E2E_IMG") or 224)
+    teacher = make_teacher(CPU_TEACHER, img_size=img)
     shape, how = default_cpu_shape(teacher)
     model = build_devit(teacher, [shape] * NUM_DEVICES)
     from ..shapes import teacher_config, vit_flops
 
     frac = sum(model.flops()) / vit_flops(teacher_config(teacher))
-    title = (f"e2e cpu: {CPU_TEACHER} (224 px) vs {NUM_DEVICES}x(d={shape['embed_dim']},H={shape['num_heads']},"
+    title = (f"e2e cpu: {CPU_TEACHER} ({img} px) vs {NUM_DEVICES}x(d={shape['embed_dim']},H={shape['num_heads']},"
              f"L={shape['depth']},mlp={shape['mlp_hidden']}) = {frac:.0%} of the teacher's FLOPs [{how}], fp32, "
              f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
     t = Table(title)

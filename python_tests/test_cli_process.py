@@ -1,0 +1,120 @@
+"""The installed `devit-ext` command, run as a user runs it: a separate process, its exit code,
+what it prints and the files it writes.
+
+The command is the console script pip installed next to this Python (or on
+PATH); the package it imports is this source tree (PYTHONPATH). Without an
+installed command these tests skip and say so (`pip install -e .`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import devit_ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command() -> str | None:
+    here = os.path.join(os.path.dirname(sys.executable), "devit-ext")
+    return here if os.path.exists(here) else shutil.which("devit-ext")
+
+
+CMD = _command()
+pytestmark = pytest.mark.skipif(CMD is None, reason="the devit-ext command is not installed (pip install -e .)")
+
+
+def run_cli(args, cwd, timeout=600, **env_extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra)
+    return subprocess.run([CMD, *args], cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_version(tmp_path):
+    r = run_cli(["--version"], tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.strip().split(" ", 1)
+    assert first[0] == devit_ext.__version__
+    assert "'cpp'" in first[1] and "'triton'" in first[1]  # the build info travels with the version
+
+
+def test_no_command_prints_usage_and_fails(tmp_path):
+    r = run_cli([], tmp_path, timeout=120)
+    assert r.returncode == 2 and "usage: devit-ext" in r.stdout
+    r = run_cli(["bench", "nosuch"], tmp_path, timeout=120)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def _rows(path):
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+@pytest.mark.slow
+def test_bench_kernels_quick(tmp_path):
+    r = run_cli(["bench", "kernels", "--quick", "--device", "cpu", "--out", "res"], tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    files = sorted(os.listdir(tmp_path / "res"))
+    assert {"kernels_quant_ops_cpu_cpu.csv", "kernels_quant_ops_cpu_cpu.json", "kernels_triton_ops_cpu.csv",
+            "kernels_triton_ops_cpu.json"} <= set(files), files
+    quant = _rows(tmp_path / "res" / "kernels_quant_ops_cpu_cpu.json")
+    assert {(q["op"], q["dtype"]) for q in quant} >= {(op, "float32") for op in
+                                                      ("quantize_int8", "dequantize_int8", "layernorm_quantize_int8")}
+    for q in quant:  # the native kernels ran (no silent fallback), and the ratio is of the two times
+        assert q["path"] == "cpp", q
+        assert q["native_us"] > 0 and q["reference_us"] > 0
+        assert q["speedup"] == pytest.approx(q["reference_us"] / q["native_us"], rel=1e-6)
+    for t in _rows(tmp_path / "res" / "kernels_triton_ops_cpu.json"):
+        if "us" in t:
+            assert t["us"] > 0 and t["vs_reference"] > 0, t
+        else:
+            assert "needs a CUDA GPU" in t["note"], t  # an unmeasured row says why
+    assert "written:" in r.stdout
+
+
+@pytest.mark.slow
+def test_bench_e2e_quick_tiny(tmp_path):
+    """ViT-S at 32 px, batch 2, without the spawned distributed row: every other row runs."""
+    r = run_cli(["bench", "e2e", "--quick", "--device", "cpu", "--out", "res"], tmp_path,
+                DEVIT_E2E_IMG="32", DEVIT_E2E_BATCHES="2", DEVIT_E2E_SKIP="distributed")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = _rows(tmp_path / "res" / "e2e_e2e_cpu_cpu.json")
+    by = {row["row"]: row for row in rows}
+    base = by["teacher eager (timm)"]
+    for name in ("teacher eager (timm)", "naive loop eager", "plain stacked eager", "local engine (ours, int8)"):
+        row = by[name]
+        assert row["batch"] == 2 and row["ms"] > 0, row
+        assert row["speedup"] == pytest.approx(base["ms"] / row["ms"], rel=1e-6)  # against the same run's teacher
+    assert by["local engine (ours, int8)"]["bytes_per_image_per_device"] == by["local engine (ours, int8)"]["fp32_bytes"] // 4 + 4
+    assert "skipped: DEVIT_E2E_SKIP" in by["distributed engine (loopback, spawned workers)"]["note"]
+    assert "(32 px)" in r.stdout
+
+
+@pytest.mark.slow
+def test_readme_example_at_224(tmp_path):
+    """The README's quick-start code, run as written (224 px timm ViT)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    start = readme.find("```python")
+    assert start >= 0, "README has no python example"
+    code = readme[start + len("```python"): readme.find("```", start + 9)]
+    script = tmp_path / "example.py"
+    # what the example's comments promise, checked on the names it defines
+    checks = """
+assert tuple(logits.shape) == (8, 100), logits.shape
+assert stats.transfer_bytes_per_image == [w + 4 for w in model.widths], stats.transfer_bytes_per_image
+assert model.content_hash() == devit_ext.load("devit-4").content_hash()
+print("README example OK")
+"""
+    script.write_text(code + checks)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "README example OK" in r.stdout

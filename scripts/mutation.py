@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Mutation testing of the core modules with mutmut (run on demand; not a CI step).
+
+    pip install "mutmut==3.8.1"                  # or: pip install -e .[mutation]
+    python scripts/mutation.py wire              # one group
+    python scripts/mutation.py wire dekd ops     # several, one after the other
+    python scripts/mutation.py --list            # the groups, their code and their tests
+
+Each group names the source files to mutate (optionally only some functions,
+by mutmut's mutant-name globs) and the test files that pin them; only those
+tests run, and mutmut runs for each mutant only the tests that executed the
+mutated function (its coverage-based selection), so a group finishes on a
+2-core machine. Work happens in a scratch copy (git-tracked files plus the
+native module) with its own setup.cfg: the working tree is never touched.
+The scratch copy is kept (path printed) so `mutmut show NAME` can be run in it.
+Results: per group, killed / survived / other counts and every survivor's
+diff, written to <scratch>/survivors.md. docs/testing.md records the last run
+and why each survivor is equivalent or which test now kills it.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MUTMUT_VERSION = "3.8.1"
+SUPPORT = ["python_tests/conftest.py", "python_tests/_agreement.py"]
+
+# group -> (files to mutate, mutant-name globs or [] for all, test files, extra pytest args)
+GROUPS = {
+    "wire": (["devit_ext/wire.py"], [],
+             ["python_tests/test_wire_layout.py", "python_tests/test_wire_errors.py"], []),
+    "ops": (["devit_ext/ops/reference.py", "devit_ext/ops/quant.py", "devit_ext/ops/_checks.py"], [],
+            ["python_tests/test_quant_ops.py", "python_tests/test_rounding_ties.py"], []),
+    "dekd": (["devit_ext/dekd/losses.py", "devit_ext/dekd/steps.py", "devit_ext/protocol.py"],
+             ["devit_ext.dekd.*", "devit_ext.protocol.x_fused_forward*", "devit_ext.protocol.x_int8_roundtrip*",
+              "devit_ext.protocol.x_fake_quant_int8*"],
+             ["python_tests/test_method_dekd.py", "python_tests/test_method_dekd_details.py",
+              "python_tests/test_missing_devices.py"], []),
+    "pruning": (["devit_ext/decomposition.py", "devit_ext/importance.py"],
+                ["devit_ext.decomposition.x_top_units*", "devit_ext.decomposition.x_choose_units*",
+                 "devit_ext.decomposition.x__expand_heads*", "devit_ext.decomposition.x_prune*",
+                 "devit_ext.decomposition.x_init_fusion*", "devit_ext.importance.x_magnitude*",
+                 "devit_ext.importance.x_reduce_axis*", "devit_ext.importance.x__accumulate*",
+                 "devit_ext.importance.x_param_axes*", "devit_ext.importance.x__unit_key*"],
+                ["python_tests/test_method_importance.py", "python_tests/test_magnitude_formula.py",
+                 "python_tests/test_decompose.py"],
+                ["-k", "test_method_importance or test_magnitude_formula or exact_slices or pruning_nothing or fusion_map_init "
+                       "or distilled_tokens or variant_teacher"]),
+    "stacked": (["devit_ext/engines/stacked.py"], ["devit_ext.engines.stacked.x_fold_submodel*",
+                                                   "devit_ext.engines.stacked.x_shape_signature*"],
+                ["python_tests/test_collaborate_local.py"], ["-k", "fp32_transfer_exact or int8_transfer_agrees"]),
+}
+
+
+def scratch_copy(dst: str, tests: list[str]) -> None:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    keep_tests = set(tests) | set(SUPPORT)
+    for f in files:
+        rel = f.decode()
+        if not rel or (rel.startswith("python_tests/") and rel not in keep_tests):
+            continue
+        src = os.path.join(ROOT, rel)
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dst, rel)) or dst, exist_ok=True)
+            shutil.copy2(src, os.path.join(dst, rel))
+    for rel in tests + SUPPORT:  # new, not yet committed test files too
+        if os.path.isfile(os.path.join(ROOT, rel)):
+            shutil.copy2(os.path.join(ROOT, rel), os.path.join(dst, rel))
+    for so in glob.glob(os.path.join(ROOT, "devit_ext", "_C*.so")):
+        shutil.copy2(so, os.path.join(dst, "devit_ext"))
+    # setup.py installs kernels/ as devit_ext.kernels (package_dir); mutmut imports devit_ext from its copy
+    shutil.copytree(os.path.join(dst, "kernels"), os.path.join(dst, "devit_ext", "kernels"))
+
+
+def write_config(dst: str, files: list[str], tests: list[str], extra: list[str]) -> None:
+    def block(vals):
+        return "".join(f"\n    {v}" for v in vals)
+
+    with open(os.path.join(dst, "setup.cfg"), "w") as f:
+        f.write("[mutmut]\nsource_paths = devit_ext\n")
+        f.write(f"only_mutate ={block(files)}\n")
+        f.write(f"also_copy ={block(['python_tests'])}\n")
+        f.write(f"pytest_add_cli_args_test_selection ={block(tests)}\n")
+        f.write(f"pytest_add_cli_args ={block(['-p', 'no:cacheprovider', '-m', 'not slow', *extra])}\n")
+
+
+def mutmut(dst: str, *args: str, check=True) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=dst, env=env, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise SystemExit(f"mutmut {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def run_group(name: str, children: int) -> dict:
+    files, globs, tests, extra = GROUPS[name]
+    dst = tempfile.mkdtemp(prefix=f"devit_mutation_{name}_")
+    scratch_copy(dst, tests)
+    write_config(dst, files, tests, extra)
+    print(f"[{name}] scratch copy {dst}", flush=True)
+    mutmut(dst, "run", "--max-children", str(children), *globs)
+    results = mutmut(dst, "results", "--all", "true", check=False)
+    status: dict[str, str] = {}
+    for line in results.splitlines():
+        m = re.match(r"\s*(\S+__mutmut_\d+): (.+)$", line)
+        if m and (not globs or any(re.fullmatch(g.replace(".", r"\.").replace("*", ".*"), m.group(1)) for g in globs)):
+            status[m.group(1)] = m.group(2).strip()
+    counts: dict[str, int] = {}
+    for s in status.values():
+        counts[s] = counts.get(s, 0) + 1
+    survivors = sorted(k for k, s in status.items() if s == "survived")
+    with open(os.path.join(dst, "survivors.md"), "w") as f:
+        for k in survivors:
+            diff = [ln for ln in mutmut(dst, "show", k, check=False).splitlines() if ln.startswith(("-", "+"))
+                    and not ln.startswith(("---", "+++"))]
+            f.write(f"### {k}\n```diff\n" + "\n".join(diff) + "\n```\n")
+    killed = counts.get("killed", 0)
+    total = sum(counts.values())
+    print(f"[{name}] {total} mutants: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+          + (f"; killed {killed / total:.1%}" if total else "") + f"; survivors in {dst}/survivors.md", flush=True)
+    return {"group": name, "counts": counts, "survivors": survivors, "dir": dst}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("groups", nargs="*", help=f"groups to run: {', '.join(GROUPS)} (default: all)")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--max-children", type=int, default=2, help="parallel mutant runs (default 2)")
+    args = ap.parse_args()
+    if args.list:
+        for k, (files, globs, tests, _) in GROUPS.items():
+            print(f"{k}: {', '.join(files)}{' (' + ', '.join(globs) + ')' if globs else ''} <- {', '.join(tests)}")
+        return 0
+    try:
+        import mutmut as _m  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"mutation: needs mutmut: pip install 'mutmut=={MUTMUT_VERSION}' (or pip install -e .[mutation])")
+    unknown = [g for g in args.groups if g not in GROUPS]
+    if unknown:
+        raise SystemExit(f"mutation: unknown group(s) {unknown}; groups are {list(GROUPS)}")
+    for g in args.groups or list(GROUPS):
+        run_group(g, args.max_children)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
