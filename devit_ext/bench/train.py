@@ -84,7 +84,7 @@ def _plain_rate(model, x, y) -> float:
 def run(device: str, quick: bool) -> list[Table]:
     if device != "cpu":
         print("bench train: measured on the CPU only in this version (the GPU pass adds CUDA rows)")
-    n = 256 if quick else 2000
+    n = 256 if quick else 1000
     repeats = 1 if quick else 3
     teacher, model, x, y = _setup(n)
     ds = _AsDataset(x, y)
