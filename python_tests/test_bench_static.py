@@ -135,13 +135,30 @@ def test_capture_records_the_launchers_choice():
 
     small = st.Shape("subvit_attention", "b1", 1, (3,) * 4, 64)
     big = st.Shape("subvit_attention", "b256", 256, (3,) * 4, 64)
-    _, grid1, _, kw1 = st.capture(small, torch.bfloat16, 132)
-    _, grid2, _, kw2 = st.capture(big, torch.bfloat16, 132)
+    import importlib
+
+    from devit_ext.kernels import _launch
+
+    subvit_attention = importlib.import_module("devit_ext.kernels.subvit_attention")  # the module, not the function
+    ensemble_fusion = importlib.import_module("devit_ext.kernels.ensemble_fusion")
+
+    _, grid1, _, kw1 = st.capture(small, torch.bfloat16, 132, 90)
+    _, grid2, _, kw2 = st.capture(big, torch.bfloat16, 132, 90)
     assert grid1 == (4, 12, 1) and (kw1["BLOCK_M"], kw1["num_warps"]) == (64, 4)  # few programs: small tiles
     assert grid2 == (2, 12, 256) and (kw2["BLOCK_M"], kw2["num_warps"]) == (128, 8)
+    # what is recorded is what the launcher's one tile-choice function returns for that target
+    sm90 = _launch.Target(132, 90)
+    assert subvit_attention.tile_config(197, 64, torch.bfloat16, 12 * 256, sm90)[:3] == (128, 64, 8)
+    _, _, _, kw32 = st.capture(big, torch.float32, 132, 90)
+    assert (kw32["BLOCK_M"], kw32["BLOCK_N"]) == (32, 32)  # fp32: its own small tiles (no spills)
     fus = st.Shape("ensemble_fusion", "f", 1, widths=(192,) * 4, C=100)
-    fn, grid, args, kw = st.capture(fus, torch.bfloat16, 132)
-    assert kw["BLOCK_B"] == 16 and kw["ATOMIC"] and grid == (1, 16, 1)  # d_T split 16 ways to fill the SMs
+    fn, grid, args, kw = st.capture(fus, torch.bfloat16, 132, 90)
+    cfg = ensemble_fusion.tile_config(1, 1024, 100, (192,) * 4, torch.bfloat16, sm90)
+    # 64 rows for wgmma on sm_90; d_T split 16 ways and K (12 tiles) 6 ways to fill the SMs
+    assert (cfg.block_b, cfg.t_splits, cfg.k_splits) == (64, 16, 6)
+    assert kw["BLOCK_B"] == 64 and kw["ATOMIC"] and grid == (1, 96, 1)
+    _, grid80, _, kw80 = st.capture(fus, torch.bfloat16, 108, 80)
+    assert kw80["BLOCK_B"] == 16 and grid80[1] > 16  # mma.sync on sm_80: 16 rows suffice
     sp = st.specialise(fn, args, kw, 90)
     names = sp.jit.arg_names
     consts = {names[k[0]]: v for k, v in sp.constexprs.items()}
