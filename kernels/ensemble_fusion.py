@@ -135,8 +135,9 @@ def tile_config(B: int, T: int, C: int, widths, dtype: torch.dtype, target: _lau
     to mma.sync. At batch 1-8 most rows are masked: the kernel is weight-bandwidth-bound there, the
     MMA work is not what it waits for (224 registers, no spill, 2 blocks per SM).
     bf16/fp16 before sm_90: BLOCK_B 16 / 32 / 64 by batch (mma.sync; 143-214 registers).
-    fp32 ("ieee" dots on FFMA): BLOCK_B 16 / 32, BLOCK_T 32: at BLOCK_T 64 and BLOCK_B 32 ptxas needs
-    more than 255 registers and spills (604 B on sm_80).
+    fp32 ("ieee" dots on FFMA): BLOCK_B 16 / 32, BLOCK_T 32, 8 warps: at BLOCK_T 64 and BLOCK_B 32 with
+    4 warps ptxas needs more than 255 registers and spills (604 B on sm_80); BLOCK_T 32 with 4 warps still
+    spills 20 B on sm_90 (BLOCK_B 16) and takes 255 on sm_80 (BLOCK_B 32); 8 warps: 78-120 registers.
     Splits: enough programs for about one wave of the SMs, d_T split first, then K (small batch at C <= 128
     has one row block and one class block: d_T alone gives 16 programs).
     Interpreter (target.arch None): 16-wide tiles and at most 2 splits each, cheap in numpy."""
@@ -165,7 +166,7 @@ def tile_config(B: int, T: int, C: int, widths, dtype: torch.dtype, target: _lau
     k_splits = max(1, min(int(k_splits or 1), max(1, nk)))
     tiles_per_ksplit = _launch.cdiv(nk, k_splits)
     k_splits = max(1, _launch.cdiv(nk, tiles_per_ksplit))
-    nw = num_warps or 4
+    nw = num_warps or (8 if dtype == torch.float32 and not cpu else 4)
     ns = num_stages or (1 if cpu else 3)
     return FusionTiles(bb, bt, bk, bc, b_blocks, c_blocks, t_splits, t_per_split, k_splits, tiles_per_ksplit, nw, ns)
 

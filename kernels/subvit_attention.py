@@ -116,9 +116,10 @@ def tile_config(N: int, D: int, dtype: torch.dtype, programs_per_qblock: int, ta
 
     bf16/fp16: BLOCK_N 64 (32 at D 128: the K and V tiles double); BLOCK_M 128 with 8 warps when that
     still gives >= 2 waves of programs, else 64 with 4 (small batches need more, smaller programs).
-    fp32 ("ieee" dots on FFMA, no tensor cores): 32 x 32 with 4 warps. At 64 x 64 ptxas keeps 32
-    registers and puts ~7 KB per thread on the stack (13-17 KB of spill stores, ~8,000 local-memory
-    instructions per program); 32 x 32 compiles to 80-92 registers, no spill, 5 blocks per SM.
+    fp32 ("ieee" dots on FFMA, no tensor cores): 32 x 32, 4 warps at D <= 64, 8 at D 128. At 64 x 64 ptxas
+    keeps 32 registers and puts ~7 KB per thread on the stack (13-17 KB of spill stores, ~8,000 local-memory
+    instructions per program); 32 x 32 compiles to 80-92 registers, no spill (D 64); at D 128 4 warps
+    need 255 registers and spill on sm_80, 8 warps take 80 (sm_80) / 110 (sm_90).
     Interpreter (target.arch None): 16 x 16 tiles, cheap in numpy."""
     if target.arch is None:
         return block_m or 16, block_n or 16, num_warps or 4, num_stages or 1
@@ -133,7 +134,7 @@ def tile_config(N: int, D: int, dtype: torch.dtype, programs_per_qblock: int, ta
             bm = block_m
     if block_m is None and N <= 32:
         bm = max(16, min(bm, _launch.next_pow2(N)))
-    nw = num_warps or (8 if bm >= 128 else 4)
+    nw = num_warps or (8 if bm >= 128 or (dtype == torch.float32 and D > 64) else 4)
     ns = num_stages or 2
     return bm, bn, nw, ns
 
