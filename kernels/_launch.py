@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -97,16 +98,30 @@ def align_elems(element_size: int, values: Iterable[int]) -> int:
     return a
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a launcher's tile choice depends on: the SM count and the arch (80, 90, ...).
+    arch None is the interpreter: small tiles (cheap in numpy), the SM count of an H100 so that the
+    grid splitting matches the GPU's."""
+
+    sms: int
+    arch: int | None
+
+
+INTERPRETER = Target(132, None)
+
+
 @functools.lru_cache(maxsize=None)
-def num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _cuda_target(device_index: int) -> Target:
+    p = torch.cuda.get_device_properties(device_index)
+    return Target(p.multi_processor_count, 10 * p.major + p.minor)
 
 
-def sm_count(device: torch.device) -> int:
-    """SMs of a CUDA device; a nominal 132 (H100) under the interpreter so tiling matches the GPU."""
+def target(device: torch.device) -> Target:
+    """The Target of the device the tensors are on (the interpreter's for CPU tensors)."""
     if device.type == "cuda":
-        return num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return 132
+        return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRETER
 
 
 _TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()

@@ -14,17 +14,21 @@ the device), so inside a tile the scale is one value per row and
 with q converted to the weight dtype exactly (|q| <= 127 fits fp16/bf16) and fp32
 accumulation: no rounding of the dequantised token at all.
 
-Program (b-block, t-split, c-block): for each BLOCK_T tile of d_T in its split,
-h_tile (BLOCK_B, BLOCK_T) = sum over K tiles, + b1, stays in registers and is
-immediately multiplied into the logits partial (BLOCK_B, BLOCK_C) += h_tile @
-W2[c, t]^T, so h never leaves the chip. With one t-split the program stores its
-logits (plain store, deterministic); with several (to fill the SMs at small
-batch) the partials are atomically added into a zeroed output (fp32 atomics:
-summation order, hence the last bits, can differ run to run). When C > BLOCK_C
+Program (b-block, t-split x k-split, c-block): for each BLOCK_T tile of d_T in
+its t-split, h_tile (BLOCK_B, BLOCK_T) = sum over the K tiles of its k-split
+(+ b1 in k-split 0), stays in registers and is immediately multiplied into the
+logits partial (BLOCK_B, BLOCK_C) += h_tile @ W2[c, t]^T, so h never leaves the
+chip (the logits are linear in h, so K partials of h give logits partials).
+With one split of each the program stores its logits (plain store,
+deterministic); with several (to fill the SMs at small batch) the partials are
+atomically added into a zeroed output (fp32 atomics: summation order, hence the
+last bits, can differ run to run). When C > BLOCK_C
 (128) the c-blocks each recompute their h tiles: right for the paper's heads
 (C = 100 or fewer classes per branch), a cost for 1000-class heads.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -40,13 +44,15 @@ def _ensemble_fusion_fwd(
     B, T, C, NK,  # images, d_T, classes, number of K tiles
     s_qb, s_sb, s_sm, s_w1t, s_w2c, s_ob,  # row strides (columns are contiguous) and scales' strides
     T_PER_SPLIT,  # d_T columns per t-split (a multiple of BLOCK_T)
+    K_SPLITS, TILES_PER_KSPLIT,  # K tiles are cut into K_SPLITS runs of TILES_PER_KSPLIT (the last may be short)
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     ALIGN_K: tl.constexpr,  # every tile start k0 is a multiple of ALIGN_K
     DOT_PREC: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid_t = tl.program_id(1) // K_SPLITS
+    pid_k = tl.program_id(1) % K_SPLITS
     pid_c = tl.program_id(2)
 
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,) images
@@ -62,7 +68,7 @@ def _ensemble_fusion_fwd(
         tt = t0 + tl.arange(0, BLOCK_T)  # (BLOCK_T,) columns of h
         t_mask = tt < T
         h = tl.zeros((BLOCK_B, BLOCK_T), tl.float32)
-        for i in range(0, NK):
+        for i in range(pid_k * TILES_PER_KSPLIT, tl.minimum(NK, (pid_k + 1) * TILES_PER_KSPLIT)):
             k0 = tl.load(tiles_ptr + 3 * i)  # tile start
             k_end = tl.load(tiles_ptr + 3 * i + 1)  # end of this device's columns
             dev = tl.load(tiles_ptr + 3 * i + 2)  # device of this tile
@@ -78,13 +84,14 @@ def _ensemble_fusion_fwd(
             sc = tl.load(sc_ptr + rows64 * s_sb + dev * s_sm, mask=r_mask, other=0.0)  # (BLOCK_B,) fp32
             h += part * sc[:, None]
         if HAS_B1:
-            h += tl.load(b1_ptr + tt, mask=t_mask, other=0.0).to(tl.float32)[None, :]
+            # b1 once per column of h: in the first K split only (the others hold partial sums of q W1^T)
+            h += tl.load(b1_ptr + tt, mask=t_mask & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
         # W2^T tile (BLOCK_T, BLOCK_C)
         w2 = tl.load(w2_ptr + cls[None, :] * s_w2c + tt[:, None], mask=t_mask[:, None] & c_mask[None, :], other=0.0)
         logits += tl.dot(h.to(w2.dtype), w2, input_precision=DOT_PREC)
 
     if HAS_B2:
-        b2 = tl.load(b2_ptr + cls, mask=c_mask & (pid_t == 0), other=0.0).to(tl.float32)
+        b2 = tl.load(b2_ptr + cls, mask=c_mask & (pid_t == 0) & (pid_k == 0), other=0.0).to(tl.float32)
         logits += b2[None, :]
     o_ptrs = out_ptr + rows64[:, None] * s_ob + cls[None, :]
     o_mask = r_mask[:, None] & c_mask[None, :]
@@ -104,40 +111,84 @@ def k_tiles(widths, block_k: int) -> list[list[int]]:
     return rows
 
 
-def _config(B, T, C, device, block_b, block_t, block_k, t_splits):
-    if device.type == "cpu":  # interpreter: small tiles, cheap in numpy
+class FusionTiles(NamedTuple):
+    block_b: int
+    block_t: int
+    block_k: int
+    block_c: int
+    b_blocks: int
+    c_blocks: int
+    t_splits: int
+    t_per_split: int  # d_T columns per t-split
+    k_splits: int
+    tiles_per_ksplit: int  # K tiles per k-split
+    num_warps: int
+    num_stages: int
+
+
+def tile_config(B: int, T: int, C: int, widths, dtype: torch.dtype, target: _launch.Target, block_b=None,
+                block_t=None, block_k=None, t_splits=None, k_splits=None, num_warps=None, num_stages=None) -> FusionTiles:
+    """The launcher's tile choice; `devit-ext bench static` compiles exactly what this returns.
+    Explicit arguments win; with t_splits given and k_splits not, k_splits is 1 (t_splits=1: one pass).
+
+    bf16/fp16 on sm_90+: BLOCK_B 64, the rows one warpgroup MMA (wgmma) needs; below 64 Triton falls back
+    to mma.sync. At batch 1-8 most rows are masked: the kernel is weight-bandwidth-bound there, the
+    MMA work is not what it waits for (224 registers, no spill, 2 blocks per SM).
+    bf16/fp16 before sm_90: BLOCK_B 16 / 32 / 64 by batch (mma.sync; 143-214 registers).
+    fp32 ("ieee" dots on FFMA): BLOCK_B 16 / 32, BLOCK_T 32, 8 warps: at BLOCK_T 64 and BLOCK_B 32 with
+    4 warps ptxas needs more than 255 registers and spills (604 B on sm_80); BLOCK_T 32 with 4 warps still
+    spills 20 B on sm_90 (BLOCK_B 16) and takes 255 on sm_80 (BLOCK_B 32); 8 warps: 78-120 registers.
+    Splits: enough programs for about one wave of the SMs, d_T split first, then K (small batch at C <= 128
+    has one row block and one class block: d_T alone gives 16 programs).
+    Interpreter (target.arch None): 16-wide tiles and at most 2 splits each, cheap in numpy."""
+    cpu = target.arch is None
+    if cpu:
         bb, bt, bk = block_b or 16, block_t or 16, block_k or 16
+    elif dtype == torch.float32:
+        bb, bt, bk = block_b or (16 if B <= 16 else 32), block_t or 32, block_k or 64
+    elif target.arch >= 90:
+        bb, bt, bk = block_b or 64, block_t or 64, block_k or 64
     else:
-        bb = block_b or (16 if B <= 16 else 32 if B <= 512 else 64)
-        bt = block_t or 64
-        bk = block_k or 64
+        bb, bt, bk = block_b or (16 if B <= 16 else 32 if B <= 512 else 64), block_t or 64, block_k or 64
     bc = max(16, min(128, _launch.next_pow2(C)))
     b_blocks, c_blocks, t_tiles = _launch.cdiv(B, bb), _launch.cdiv(C, bc), _launch.cdiv(T, bt)
+    nk = len(k_tiles(widths, bk))
+    base = max(1, b_blocks * c_blocks)
     if t_splits is None:
-        # enough programs for about one wave of the SMs; a single split when the batch alone fills them
-        t_splits = max(1, min(t_tiles, _launch.sm_count(device) // max(1, b_blocks * c_blocks)))
-        if device.type == "cpu":
-            t_splits = min(t_splits, 2)
+        t_splits = max(1, min(t_tiles, target.sms // base))
+        if k_splits is None:
+            k_splits = max(1, min(nk, target.sms // (base * t_splits)))
+        if cpu:
+            t_splits, k_splits = min(t_splits, 2), min(k_splits, 2)
     t_splits = max(1, min(int(t_splits), t_tiles))
     t_per_split = _launch.cdiv(t_tiles, t_splits) * bt
     t_splits = _launch.cdiv(T, t_per_split)
-    return bb, bt, bk, bc, b_blocks, c_blocks, t_splits, t_per_split
+    k_splits = max(1, min(int(k_splits or 1), max(1, nk)))
+    tiles_per_ksplit = _launch.cdiv(nk, k_splits)
+    k_splits = max(1, _launch.cdiv(nk, tiles_per_ksplit))
+    nw = num_warps or (8 if dtype == torch.float32 and not cpu else 4)
+    ns = num_stages or (1 if cpu else 3)
+    return FusionTiles(bb, bt, bk, bc, b_blocks, c_blocks, t_splits, t_per_split, k_splits, tiles_per_ksplit, nw, ns)
 
 
 def ensemble_fusion(
     q, scales, widths, map_weight, map_bias, cls_weight, cls_bias,
-    *, out=None, block_b=None, block_t=None, block_k=None, t_splits=None, num_warps=None, num_stages=None,
+    *, out=None, block_b=None, block_t=None, block_k=None, t_splits=None, k_splits=None, num_warps=None,
+    num_stages=None, target=None,
 ):
     """Triton launcher. Arguments as devit_ext.ops.ensemble_fusion; returns logits fp32 (B, C) (into `out`
-    if given: fp32 (B, C), contiguous last dim). t_splits=1 gives a deterministic single-pass result."""
+    if given: fp32 (B, C), contiguous last dim). t_splits=1 gives a deterministic single-pass result.
+    `target` (a `_launch.Target`, default: the tensors' device) is what the tiles are chosen for."""
     shp = check_fusion(q, scales, widths, map_weight, map_bias, cls_weight, cls_bias)
     return launch(q, scales, shp, map_weight, map_bias, cls_weight, cls_bias, out=out, block_b=block_b,
-                  block_t=block_t, block_k=block_k, t_splits=t_splits, num_warps=num_warps, num_stages=num_stages)
+                  block_t=block_t, block_k=block_k, t_splits=t_splits, k_splits=k_splits, num_warps=num_warps,
+                  num_stages=num_stages, target=target)
 
 
 def launch(
     q, scales, shp: FusionShape, map_weight, map_bias, cls_weight, cls_bias,
-    *, out=None, block_b=None, block_t=None, block_k=None, t_splits=None, num_warps=None, num_stages=None,
+    *, out=None, block_b=None, block_t=None, block_k=None, t_splits=None, k_splits=None, num_warps=None,
+    num_stages=None, target=None,
 ):
     """The launch itself, for arguments already checked by `devit_ext.checks.check_fusion` (which gave
     `shp`): devit_ext.ops calls this, so its inputs are checked once."""
@@ -159,28 +210,23 @@ def launch(
     b1 = None if map_bias is None else map_bias.contiguous()
     b2 = None if cls_bias is None else cls_bias.contiguous()
 
-    bb, bt, bk, bc, b_blocks, c_blocks, splits, t_per_split = _config(
-        B, T, C, q.device, block_b, block_t, block_k, t_splits
-    )
-    tiles = k_tiles(shp.widths, bk)
+    cfg = tile_config(B, T, C, shp.widths, w1.dtype, target or _launch.target(q.device), block_b, block_t,
+                      block_k, t_splits, k_splits, num_warps, num_stages)
+    tiles = k_tiles(shp.widths, cfg.block_k)
     table = _launch.device_table(tiles, q.device)
     align_k = _launch.align_elems(1, [r[0] for r in tiles])
-    atomic = splits > 1
+    atomic = cfg.t_splits * cfg.k_splits > 1
     if atomic:
         out.zero_()
-    if q.device.type == "cpu":
-        nw, ns = num_warps or 4, num_stages or 1
-    else:
-        nw, ns = num_warps or 4, num_stages or 3
-    _ensemble_fusion_fwd[(b_blocks, splits, c_blocks)](
+    _ensemble_fusion_fwd[(cfg.b_blocks, cfg.t_splits * cfg.k_splits, cfg.c_blocks)](
         q, scales, table, w1, w1 if b1 is None else b1, w2, w2 if b2 is None else b2, out,
         B, T, C, len(tiles),
         q.stride(0), scales.stride(0), scales.stride(1), w1.stride(0), w2.stride(0), out.stride(0),
-        t_per_split,
+        cfg.t_per_split, cfg.k_splits, cfg.tiles_per_ksplit,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, ATOMIC=atomic,
-        BLOCK_B=bb, BLOCK_K=bk, BLOCK_T=bt, BLOCK_C=bc, ALIGN_K=align_k,
+        BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, ALIGN_K=align_k,
         DOT_PREC=_launch.dot_precision(w1.dtype),
-        num_warps=nw, num_stages=ns,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -194,4 +240,4 @@ def bytes_moved(B: int, K: int, T: int, C: int, M: int, weight_size: int) -> int
     return B * K + 4 * B * M + weight_size * (T * K + T + C * T + C) + 4 * B * C
 
 
-__all__ = ["ensemble_fusion", "launch", "k_tiles", "flops", "bytes_moved"]
+__all__ = ["ensemble_fusion", "launch", "tile_config", "FusionTiles", "k_tiles", "flops", "bytes_moved"]

@@ -109,22 +109,32 @@ def _subvit_attention_fwd(
     )
 
 
-def _config(N: int, D: int, programs_per_qblock: int, device: torch.device, block_m, block_n, num_warps, num_stages):
-    """Tile choice. GPU: BLOCK_N 64; BLOCK_M 128 when that still gives >= 2 waves of programs, else 64
-    (small batches need more, smaller programs to fill the SMs). Interpreter: small tiles (cheap in numpy)."""
-    if device.type == "cpu":
-        bm = block_m or 16
-        bn = block_n or 16
-        return bm, bn, num_warps or 4, num_stages or 1
-    bn = block_n or (64 if D <= 64 else 32)
-    if block_m is None:
-        sms = _launch.sm_count(device)
-        bm = 128 if programs_per_qblock * _launch.cdiv(N, 128) >= 2 * sms and D <= 64 else 64
-        if N <= 32:
-            bm = max(16, min(bm, _launch.next_pow2(N)))
+def tile_config(N: int, D: int, dtype: torch.dtype, programs_per_qblock: int, target: _launch.Target,
+                block_m=None, block_n=None, num_warps=None, num_stages=None):
+    """The launcher's tile choice (BLOCK_M, BLOCK_N, num_warps, num_stages); `devit-ext bench static`
+    compiles exactly what this returns. Explicit arguments win.
+
+    bf16/fp16: BLOCK_N 64 (32 at D 128: the K and V tiles double); BLOCK_M 128 with 8 warps when that
+    still gives >= 2 waves of programs, else 64 with 4 (small batches need more, smaller programs).
+    fp32 ("ieee" dots on FFMA, no tensor cores): 32 x 32, 4 warps at D <= 64, 8 at D 128. At 64 x 64 ptxas
+    keeps 32 registers and puts ~7 KB per thread on the stack (13-17 KB of spill stores, ~8,000 local-memory
+    instructions per program); 32 x 32 compiles to 80-92 registers, no spill (D 64); at D 128 4 warps
+    need 255 registers and spill on sm_80, 8 warps take 80 (sm_80) / 110 (sm_90).
+    Interpreter (target.arch None): 16 x 16 tiles, cheap in numpy."""
+    if target.arch is None:
+        return block_m or 16, block_n or 16, num_warps or 4, num_stages or 1
+    if dtype == torch.float32:
+        bn = block_n or 32
+        bm = block_m or 32
     else:
-        bm = block_m
-    nw = num_warps or (8 if bm >= 128 else 4)
+        bn = block_n or (64 if D <= 64 else 32)
+        if block_m is None:
+            bm = 128 if programs_per_qblock * _launch.cdiv(N, 128) >= 2 * target.sms and D <= 64 else 64
+        else:
+            bm = block_m
+    if block_m is None and N <= 32:
+        bm = max(16, min(bm, _launch.next_pow2(N)))
+    nw = num_warps or (8 if bm >= 128 or (dtype == torch.float32 and D > 64) else 4)
     ns = num_stages or 2
     return bm, bn, nw, ns
 
@@ -137,16 +147,19 @@ def _elem_offset(t: torch.Tensor, base: torch.Tensor) -> int:
     return diff // es
 
 
-def subvit_attention(qkv, scale=None, *, out=None, block_m=None, block_n=None, num_warps=None, num_stages=None):
+def subvit_attention(qkv, scale=None, *, out=None, block_m=None, block_n=None, num_warps=None, num_stages=None,
+                     target=None):
     """Triton launcher. Arguments as devit_ext.ops.subvit_attention; `out` (optional) receives the
     result (a tensor for the stacked form, a list for the list form; last dim contiguous).
-    Forward only: gradients go through devit_ext.ops (which falls back to the reference)."""
+    Forward only: gradients go through devit_ext.ops (which falls back to the reference).
+    `target` (a `_launch.Target`, default: the tensors' device) is what the tiles are chosen for."""
     shape, s = check_attention(qkv, scale)
     return launch(qkv, shape, s, out=out, block_m=block_m, block_n=block_n, num_warps=num_warps,
-                  num_stages=num_stages)
+                  num_stages=num_stages, target=target)
 
 
-def launch(qkv, shape: AttnShape, s: float, *, out=None, block_m=None, block_n=None, num_warps=None, num_stages=None):
+def launch(qkv, shape: AttnShape, s: float, *, out=None, block_m=None, block_n=None, num_warps=None, num_stages=None,
+           target=None):
     """The launch itself, for arguments already checked by `devit_ext.checks.check_attention`
     (which gave `shape` and the scale `s`): devit_ext.ops calls this, so its inputs are checked once."""
     _launch.check_launchable("subvit_attention", shape.device)
@@ -188,7 +201,8 @@ def launch(qkv, shape: AttnShape, s: float, *, out=None, block_m=None, block_n=N
         if len(_PLANS) > 256:
             _PLANS.pop(next(iter(_PLANS)))
     table, align = plan
-    bm, bn, nw, ns = _config(N, D, G * B, shape.device, block_m, block_n, num_warps, num_stages)
+    tgt = target or _launch.target(shape.device)
+    bm, bn, nw, ns = tile_config(N, D, shape.dtype, G * B, tgt, block_m, block_n, num_warps, num_stages)
     grid = (_launch.cdiv(N, bm), G, B)
     _subvit_attention_fwd[grid](
         ins[0], outs[0], table, N, s * LOG2E,
@@ -238,4 +252,4 @@ def bytes_moved(B: int, N: int, D: int, heads, element_size: int) -> int:
     return 4 * B * sum(heads) * N * D * element_size
 
 
-__all__ = ["subvit_attention", "launch", "flops", "bytes_moved", "LOG2E"]
+__all__ = ["subvit_attention", "launch", "tile_config", "flops", "bytes_moved", "LOG2E"]

@@ -212,6 +212,17 @@ def test_fusion_fp32(B, widths, T, C, bias, t_splits):
 
 
 @_mark(*triton_only)
+@pytest.mark.parametrize("t_splits,k_splits", [(1, 3), (2, 4), (1, 99)])
+def test_fusion_k_splits(t_splits, k_splits):
+    # K cut into runs (the small-batch fill on the GPU): b1 and b2 must still be added exactly once;
+    # 99 is clamped to the 6 K tiles (one per program)
+    args = fusion_inputs(3, (16, 40, 24), 40, 20, bias=True)
+    out = torch.full((3, 20), float("nan"), device=DEV)
+    kernels.ensemble_fusion(*args, out=out, t_splits=t_splits, k_splits=k_splits)
+    close_fp32(out, R.ensemble_fusion(*args), rtol=1e-5, atol=1e-5)
+
+
+@_mark(*triton_only)
 def test_fusion_strided_inputs():
     q, s, w, w1, b1, w2, b2 = fusion_inputs(6, (16, 8, 24), 24, 10)
     qw = torch.zeros(6, 64, dtype=torch.int8, device=DEV)

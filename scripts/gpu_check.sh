@@ -36,6 +36,12 @@ step "GPU tests (cuda + triton markers, compiled Triton)"
 timeout 170 python3 -P -m pytest python_tests -q -m "cuda or triton" -p no:cacheprovider 2>&1 \
   | tee "$LOG/tests_gpu.log" | tail -15
 
+step "bench static (sm_90, quick: the launchers' picks compiled by this machine's Triton; checks in static.log)"
+# The full run (every shape and dtype, both archs) is the CI/CPU one; here the device's own Triton and
+# ptxas confirm the quick picks. rc 1 = a check failed (listed at the end of static.log), 124 = timeout.
+env -u TRITON_INTERPRET timeout 45 devit-ext bench static --arch 90 --quick --json "$LOG/static.json" \
+  >"$LOG/static.log" 2>&1; echo "rc=$?"; grep -E "^(checks|CHECKS|  [a-z_]+: )" "$LOG/static.log" | tail -8
+
 step "bench kernels"
 timeout 130 devit-ext bench kernels --device cuda --out "$LOG/bench" >"$LOG/bench_kernels.log" 2>&1; echo "rc=$?"
 step "bench e2e (skip: $DEVIT_E2E_SKIP, batches $DEVIT_E2E_BATCHES)"

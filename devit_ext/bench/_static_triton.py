@@ -2,8 +2,9 @@
 
 The configuration is the launcher's own choice: each public launcher
 (devit_ext.kernels.subvit_attention / ensemble_fusion) is called on meta tensors
-of every benchmark shape with the launch replaced by a recorder, the arch's SM
-count patched into `_launch.sm_count` and the device check bypassed. The
+of every benchmark shape with `target=_launch.Target(SMs, arch)`, so its one
+tile-choice function (`tile_config` in each kernel module) picks for that GPU;
+the launch is replaced by a recorder and the device check bypassed. The
 recorded arguments go through Triton's own binder (the runtime's
 specialisation: pointer alignment, ints equal to 1 or divisible by 16) and are
 compiled ahead of time with `triton.compile(ASTSource(...), GPUTarget("cuda",
@@ -103,7 +104,7 @@ def _module(kernel: str):
 _KERNEL_FN = {"subvit_attention": "_subvit_attention_fwd", "ensemble_fusion": "_ensemble_fusion_fwd"}
 
 
-def _call_launcher(shape: Shape, dtype: torch.dtype):
+def _call_launcher(shape: Shape, dtype: torch.dtype, target):
     meta = torch.device("meta")
     mod = _module(shape.kernel)
     if shape.kernel == "subvit_attention":
@@ -113,18 +114,18 @@ def _call_launcher(shape: Shape, dtype: torch.dtype):
             qkv = torch.empty(M, B, N, 3 * H * D, dtype=dtype, device=meta).view(M, B, N, 3, H, D)
         else:
             qkv = [torch.empty(B, N, 3 * h * D, dtype=dtype, device=meta).view(B, N, 3, h, D) for h in shape.heads]
-        mod.subvit_attention(qkv)
+        mod.subvit_attention(qkv, target=target)
     else:
         B, K, T, C, M = shape.B, sum(shape.widths), FUSION_T, shape.C, len(shape.widths)
         q = torch.empty(B, K, dtype=torch.int8, device=meta)
         scales = torch.empty(B, M, dtype=torch.float32, device=meta)
         w1, b1 = torch.empty(T, K, dtype=dtype, device=meta), torch.empty(T, dtype=dtype, device=meta)
         w2, b2 = torch.empty(C, T, dtype=dtype, device=meta), torch.empty(C, dtype=dtype, device=meta)
-        mod.ensemble_fusion(q, scales, list(shape.widths), w1, b1, w2, b2)
+        mod.ensemble_fusion(q, scales, list(shape.widths), w1, b1, w2, b2, target=target)
 
 
-def capture(shape: Shape, dtype: torch.dtype, sms: int):
-    """(jit function, grid, args, kwargs) of the launch the launcher makes for `shape` on a GPU with `sms` SMs."""
+def capture(shape: Shape, dtype: torch.dtype, sms: int, arch: int):
+    """(jit function, grid, args, kwargs) of the launch the launcher makes for `shape` on sm_<arch> with `sms` SMs."""
     from devit_ext.kernels import _launch
 
     mod = _module(shape.kernel)
@@ -132,9 +133,8 @@ def capture(shape: Shape, dtype: torch.dtype, sms: int):
     real = getattr(mod, name)
     rec = _Recorder()
     with mock.patch.object(mod, name, rec), \
-            mock.patch.object(_launch, "check_launchable", lambda *a, **k: None), \
-            mock.patch.object(_launch, "sm_count", lambda device: sms):
-        _call_launcher(shape, dtype)
+            mock.patch.object(_launch, "check_launchable", lambda *a, **k: None):
+        _call_launcher(shape, dtype, _launch.Target(sms, arch))
     if len(rec.calls) != 1:
         raise RuntimeError(f"{shape.kernel}: expected one launch for {shape.label}, recorded {len(rec.calls)}")
     grid, args, kwargs = rec.calls[0]
@@ -243,7 +243,7 @@ def rows(archs, quick: bool, dtypes=None) -> tuple[list[dict], list[dict]]:
         lim = _gpu_arch.limits(arch)
         for dname in dtypes:
             for shape in shapes(quick):
-                fn, grid, args, kwargs = capture(shape, DTYPES[dname], lim.sms)
+                fn, grid, args, kwargs = capture(shape, DTYPES[dname], lim.sms, arch)
                 sp = specialise(fn, args, kwargs, arch)
                 key = sp.key()
                 row = compiled.get(key)
