@@ -53,7 +53,7 @@ _KINDS = {KIND_HELLO: "hello", KIND_TOKENS: "tokens"}
 TRANSFERS = {name: code for code, name in enumerate(_TRANSFER_NAMES, 1)}  # int8 1, fp16 2, fp32 3
 TRANSFER_NAMES = {v: k for k, v in TRANSFERS.items()}
 
-_HEADER = struct.Struct("<4sHBB16sHHIqIId8s")
+_HEADER = struct.Struct("<4sHBB16sHHIqIId8x")  # 8x: the reserved bytes (packed as zeros)
 assert _HEADER.size == HEADER_SIZE
 
 
@@ -113,7 +113,7 @@ def message_size(transfer: str, batch_size: int, num_tokens: int, width: int) ->
 def _header(kind, transfer_code, model_hash, device, num_tokens, width, batch_id, batch_size, payload_len, compute_s) -> torch.Tensor:
     raw = _HEADER.pack(
         MAGIC, VERSION, kind, transfer_code, hash_bytes(model_hash), device, num_tokens, width,
-        batch_id, batch_size, payload_len, float(compute_s), bytes(_RESERVED),
+        batch_id, batch_size, payload_len, float(compute_s),
     )
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
@@ -202,7 +202,8 @@ def decode(
     if n < HEADER_SIZE:
         _fail(src, f"truncated: {n} bytes, shorter than the {HEADER_SIZE}-byte header")
     raw = buf[:HEADER_SIZE].numpy().tobytes()
-    (magic, version, k, tcode, mhash, dev, T, d, bid, B, plen, compute_s, reserved) = _HEADER.unpack(raw)
+    (magic, version, k, tcode, mhash, dev, T, d, bid, B, plen, compute_s) = _HEADER.unpack(raw)
+    reserved = raw[HEADER_SIZE - _RESERVED :]
     if magic != MAGIC:
         _fail(src, f"bad magic {magic!r} (expected {MAGIC!r}): not a devit message, or a corrupt one")
     if device is None:
