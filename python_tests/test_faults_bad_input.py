@@ -154,3 +154,20 @@ def test_ensemble_fusion_float_widths_not_truncated():
         ops.ensemble_fusion(q, s, [True, 11], mw, mb, cw, cb)
     out = ops.ensemble_fusion(q, s, torch.tensor([5, 7]), mw, mb, cw, cb)  # an int tensor is fine
     assert out.shape == (2, 4)
+
+
+# ---------------------------------------------------------------- a worker's control messages
+def test_worker_checks_the_control_message_against_its_model():
+    from devit_ext.engines import _proto
+    from devit_ext.engines.worker import MAX_BATCH_BYTES, batch_ctrl_error
+
+    chw = (3, 32, 32)
+    ok = _proto.ctrl(_proto.CTRL_BATCH, 7, (4, 3, 32, 32), 1, 1, 1).tolist()
+    assert batch_ctrl_error(ok, chw) is None
+    huge = _proto.ctrl(_proto.CTRL_BATCH, 7, (1 << 20, 3, 1 << 15, 1 << 15), 1, 1, 1).tolist()  # ~3.4 PB
+    assert "image shape" in batch_ctrl_error(huge, chw)
+    many = _proto.ctrl(_proto.CTRL_BATCH, 7, (MAX_BATCH_BYTES // (3 * 32 * 32) + 1, 3, 32, 32), 1, 1, 1).tolist()
+    assert "at most" in batch_ctrl_error(many, chw)
+    assert "batch of 0" in batch_ctrl_error(_proto.ctrl(_proto.CTRL_BATCH, 7, (0, 3, 32, 32), 1, 1, 1).tolist(), chw)
+    assert "code" in batch_ctrl_error(_proto.ctrl(_proto.CTRL_BATCH, 7, (4, 3, 32, 32), 9, 1, 1).tolist(), chw)
+    assert "kind" in batch_ctrl_error(_proto.ctrl(42).tolist(), chw)
