@@ -127,8 +127,12 @@ __global__ void __launch_bounds__(kThreads)
   int8_t* qr = q + row * cols;
 
   float amax = 0.0f;
-  for_row(xr, cols, cs, lane, [&](int64_t, float v) { amax = max_nan(fabsf(v), amax); });
-  amax = warp_max(amax);
+  bool nan = false;  // fmaxf drops NaN: track it apart (fewer registers than a NaN-propagating max per element)
+  for_row(xr, cols, cs, lane, [&](int64_t, float v) {
+    amax = fmaxf(amax, fabsf(v));
+    nan |= v != v;
+  });
+  amax = __any_sync(0xffffffffu, nan) ? __int_as_float(0x7fc00000) : warp_max(amax);
   const float s = __fdiv_rn(amax, 127.0f);
   if (lane == 0) scale[row] = s;
   if (usable_scale(s)) {
