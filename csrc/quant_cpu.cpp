@@ -6,6 +6,11 @@
 // reciprocal) and rounds half to even, so results are bit-identical to the torch
 // reference. Rounding uses the 1.5 * 2^23 trick after clamping to [-127, 127]
 // (clamp and round commute because +-127 are integers).
+//
+// Non-finite rows follow the reference: the row max propagates NaN (a plain
+// `a > m ? a : m` would skip it), so a row with a NaN has scale NaN and a row
+// with an Inf scale Inf; only a finite positive scale quantises, every other
+// row gets q = 0.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -58,12 +63,17 @@ static inline __attribute__((always_inline)) vf vload(const float* p) {
 static inline __attribute__((always_inline)) void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 static inline __attribute__((always_inline)) vf vsplat(float s) { return vf{s, s, s, s, s, s, s, s}; }
 static inline __attribute__((always_inline)) vf vabs(vf v) { return (vf)((vi)v & 0x7fffffff); }
-static inline __attribute__((always_inline)) vf vmax(vf a, vf b) { return a > b ? a : b; }
+// max that propagates NaN from either side: a wins when it is larger or NaN,
+// and a NaN in b is kept because no comparison with it is true.
+static inline __attribute__((always_inline)) vf vmax(vf a, vf b) { return (a > b) | (a != a) ? a : b; }
+static inline __attribute__((always_inline)) float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 static inline __attribute__((always_inline)) float hmax(vf v) {
   float m = v[0];
-  for (int k = 1; k < kL; ++k) m = v[k] > m ? v[k] : m;
+  for (int k = 1; k < kL; ++k) m = max_nan(v[k], m);
   return m;
 }
+// A scale that quantises: finite and positive (false for 0, NaN and Inf).
+static inline bool usable_scale(float s) { return s > 0.0f && s <= 3.40282347e+38f; }
 static inline __attribute__((always_inline)) float hsum(vf v) {  // pairwise, fixed order
   float a = (v[0] + v[4]) + (v[2] + v[6]);
   float b = (v[1] + v[5]) + (v[3] + v[7]);
@@ -86,10 +96,7 @@ DEVIT_CLONES float row_amax(const float* v, int64_t n) {
   }
   for (; i + kL <= n; i += kL) m0 = vmax(vabs(vload(v + i)), m0);
   float m = hmax(vmax(m0, m1));
-  for (; i < n; ++i) {
-    float a = std::fabs(v[i]);
-    m = a > m ? a : m;
-  }
+  for (; i < n; ++i) m = max_nan(std::fabs(v[i]), m);
   return m;
 }
 
@@ -156,8 +163,7 @@ DEVIT_CLONES float row_layernorm(const float* v, int64_t n, const float* w, cons
   for (; i < n; ++i) {
     float t = ((v[i] - mean) * rstd) * w[i] + b[i];
     y[i] = t;
-    float a = std::fabs(t);
-    amax = a > amax ? a : amax;
+    amax = max_nan(std::fabs(t), amax);
   }
   return amax;
 }
@@ -294,7 +300,7 @@ void quantize_int8_cpu(const void* x, int dtype, int64_t rows, int64_t cols, int
       const float* v = load_row(x, dtype, r, cols, rs, cs, buf.data());
       const float s = row_amax(v, cols) / kQMax;
       scale[r] = s;
-      if (s > 0.0f) {
+      if (usable_scale(s)) {
         row_quantize(v, cols, s, q + r * cols);
       } else {
         std::memset(q + r * cols, 0, static_cast<size_t>(cols));
@@ -340,7 +346,7 @@ void layernorm_quantize_int8_cpu(const void* x, int dtype, int64_t rows, int64_t
       const float amax = row_layernorm(v, cols, w.data(), b.data(), eps, y.data());
       const float s = amax / kQMax;
       scale[r] = s;
-      if (s > 0.0f) {
+      if (usable_scale(s)) {
         row_quantize(y.data(), cols, s, q + r * cols);
       } else {
         std::memset(q + r * cols, 0, static_cast<size_t>(cols));

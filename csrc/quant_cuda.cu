@@ -44,11 +44,18 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// max that propagates NaN (fmaxf drops it): the reference's amax gives NaN for
+// a row holding one, and the row must then dequantise to NaN, not to a finite token.
+__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = max_nan(__shfl_xor_sync(0xffffffffu, v, o), v);
   return v;
 }
+
+// A scale that quantises: finite and positive (false for 0, NaN and Inf: q = 0, as in the reference).
+__device__ __forceinline__ bool usable_scale(float s) { return s > 0.0f && s <= 3.40282347e+38f; }
 
 __device__ __forceinline__ bool aligned(const void* p, unsigned bytes) {
   return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
@@ -120,11 +127,15 @@ __global__ void __launch_bounds__(kThreads)
   int8_t* qr = q + row * cols;
 
   float amax = 0.0f;
-  for_row(xr, cols, cs, lane, [&](int64_t, float v) { amax = fmaxf(amax, fabsf(v)); });
-  amax = warp_max(amax);
+  bool nan = false;  // fmaxf drops NaN: track it apart (fewer registers than a NaN-propagating max per element)
+  for_row(xr, cols, cs, lane, [&](int64_t, float v) {
+    amax = fmaxf(amax, fabsf(v));
+    nan |= v != v;
+  });
+  amax = __any_sync(0xffffffffu, nan) ? __int_as_float(0x7fc00000) : warp_max(amax);
   const float s = __fdiv_rn(amax, 127.0f);
   if (lane == 0) scale[row] = s;
-  if (s > 0.0f) {
+  if (usable_scale(s)) {
     write_row(xr, cols, cs, lane, s, qr, [](int64_t, float v) { return v; });
   } else {
     zero_row(qr, cols, lane);
@@ -169,11 +180,11 @@ __global__ void __launch_bounds__(kThreads)
     return __fadd_rn(__fmul_rn(t, load_param(w, wd, ws, i, 1.0f)), load_param(b, bd, bs, i, 0.0f));
   };
   float amax = 0.0f;
-  for_row(xr, cols, cs, lane, [&](int64_t i, float v) { amax = fmaxf(amax, fabsf(ln(i, v))); });
+  for_row(xr, cols, cs, lane, [&](int64_t i, float v) { amax = max_nan(fabsf(ln(i, v)), amax); });
   amax = warp_max(amax);
   const float s = __fdiv_rn(amax, 127.0f);
   if (lane == 0) scale[row] = s;
-  if (s > 0.0f) {
+  if (usable_scale(s)) {
     write_row(xr, cols, cs, lane, s, qr, ln);
   } else {
     zero_row(qr, cols, lane);

@@ -174,9 +174,14 @@ def check_fusion(q, scales, widths, map_weight, map_bias, cls_weight, cls_bias) 
     if isinstance(widths, torch.Tensor):
         widths = widths.tolist()
     try:
-        w = tuple(int(x) for x in widths)
+        w = tuple(widths)
     except TypeError:
         raise TypeError(f"widths: expected a sequence of ints (one token width per device), got {widths!r}") from None
+    if not all(is_int(x) for x in w):  # never truncate 1.5 to 1
+        raise TypeError(f"widths: expected a sequence of ints (one token width per device), got {list(w)!r}")
+    w = tuple(int(x) for x in w)
+    if B < 1:
+        raise ValueError(f"q: expected a batch of at least one image (B, sum widths), got shape {tuple(q.shape)}")
     if len(w) == 0 or any(x < 1 for x in w):
         raise ValueError(f"widths: expected one or more positive token widths, got {list(w)}")
     if sum(w) != K:

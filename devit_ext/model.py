@@ -9,8 +9,9 @@ alike.
 
 `DeViT` holds the sub-models (one per device), their class groups and the
 fusion head; `forward` is the plain float path that every engine is checked
-against. `save`/`load` use safetensors plus a JSON config with a content hash;
-nothing is ever unpickled.
+against. `save`/`load` use safetensors plus a JSON config with a content hash
+over both (written atomically, checked against the weights' header before
+anything is built: `model_files`); nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import model_files
 from .protocol import fused_logits
 from .shapes import num_tokens, summary_table, teacher_config, vit_flops  # noqa: F401 - teacher_config: used via devit_ext.model
 
@@ -278,22 +280,33 @@ class DeViT(nn.Module):
         }
 
     def content_hash(self) -> str:
-        return state_hash(self.state_dict())
+        """sha256 over the canonical config and every tensor (`model_files.content_hash`)."""
+        return model_files.content_hash(self.config(), state_hash(self.state_dict()))
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write `path/config.json` and `path/model.safetensors`; returns the content hash."""
+        """Write `path/config.json` and `path/model.safetensors` atomically; returns the content hash.
+
+        Both files go into a fresh directory beside `path` that replaces it in
+        one step (`model_files.write_dir`): a kill leaves the old save or the new
+        one, never a mix. `path` must be new, empty or an earlier save.
+        """
         from safetensors.torch import save_file
 
-        os.makedirs(path, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        digest = state_hash(state)
         cfg = self.config()
+        digest = model_files.content_hash(cfg, state_hash(state))
         cfg["content_hash"] = digest
-        save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"content_hash": digest, "format": "devit"})
-        tmp = os.path.join(path, CONFIG_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(cfg, f, indent=1)
-        os.replace(tmp, os.path.join(path, CONFIG_FILE))
+
+        def write(tmp: str) -> None:
+            save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"content_hash": digest, "format": "devit"})
+            model_files._step("weights-written")
+            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                json.dump(cfg, f, indent=1)
+
+        try:
+            model_files.write_dir(os.fspath(path), write)
+        except FileExistsError as e:
+            raise ModelFileError(str(e)) from None
         return digest
 
     @classmethod
@@ -336,13 +349,20 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> D
         if not os.path.isfile(p):
             raise ModelFileError(f"path: {path!r} is not a saved DeViT (missing {os.path.basename(p)})")
     try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelFileError(f"path: {cfg_path} is not valid JSON ({e})") from None
+        cfg = model_files.read_config(cfg_path)
+    except ValueError as e:
+        raise ModelFileError(f"path: {e}") from None
     if not isinstance(cfg, dict) or cfg.get("format_version") != FORMAT_VERSION:
         got = cfg.get("format_version") if isinstance(cfg, dict) else None
         raise ModelFileError(f"path: {cfg_path} has format_version {got!r}, expected {FORMAT_VERSION}")
+    try:  # every size the config names, against the weights' header, before anything is built
+        header = model_files.read_header(w_path)
+    except ValueError as e:
+        raise ModelFileError(f"path: {e}") from None
+    try:
+        model_files.check_config(cfg, header)
+    except ValueError as e:
+        raise ModelFileError(f"path: {cfg_path} does not match its weights' shapes or limits: {e}") from None
     try:
         model = DeViT.from_config(cfg)
     except (KeyError, TypeError, ValueError) as e:
@@ -362,11 +382,11 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> D
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise ModelFileError(f"path: tensor {k} has shape {tuple(state[k].shape)}, config implies {tuple(v.shape)}")
-    digest = state_hash(state)
+    digest = model_files.content_hash(cfg, state_hash(state))
     if digest != cfg.get("content_hash"):
         raise ModelFileError(
-            f"path: content hash mismatch (config says {str(cfg.get('content_hash'))[:12]}, weights hash to {digest[:12]}): "
-            "the files were edited or come from different saves"
+            f"path: content hash mismatch (config says {str(cfg.get('content_hash'))[:12]}, config and weights hash "
+            f"to {digest[:12]}): the files were edited or come from different saves"
         )
     model.load_state_dict(state)
     return model.to(map_location)

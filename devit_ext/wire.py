@@ -18,19 +18,22 @@ Layout (little-endian), a fixed 64-byte header then the payload::
     40     4     batch size B
     44     4     payload length in bytes
     48     8     compute seconds on the device (float64; informative)
-    56     8     reserved, zero
+    56     8     reserved, zero (decode refuses anything else)
 
     payload, int8:  scales float32 (B, T) then q int8 (B, T, d)  -> B*T*(d + 4) bytes
     payload, fp16:  tokens float16 (B, T, d)                     -> B*T*2d bytes
     payload, fp32:  tokens float32 (B, T, d)                     -> B*T*4d bytes
 
 Scales come first so that the float32 view of the payload is 4-byte aligned
-whatever d is. `decode` validates everything it can and raises `WireError`
+whatever d is. `decode` validates everything it can (including the values: scales finite and
+within what quantize_int8 can make, q in [-127, 127], fp16/fp32 tokens finite,
+a finite compute time) and raises `WireError`
 naming the device the message came from (the one the caller expected, since a
 corrupt header cannot be trusted to say).
 """
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -50,8 +53,15 @@ _KINDS = {KIND_HELLO: "hello", KIND_TOKENS: "tokens"}
 TRANSFERS = {name: code for code, name in enumerate(_TRANSFER_NAMES, 1)}  # int8 1, fp16 2, fp32 3
 TRANSFER_NAMES = {v: k for k, v in TRANSFERS.items()}
 
-_HEADER = struct.Struct("<4sHBB16sHHIqIId8x")
+_HEADER = struct.Struct("<4sHBB16sHHIqIId8x")  # 8x: the reserved bytes (packed as zeros)
 assert _HEADER.size == HEADER_SIZE
+
+
+_RESERVED = 8
+# The largest scale a sender can make: max|row| <= the largest fp32, divided by 127. A larger
+# one overflows to Inf when multiplied by q (up to 127) on the aggregator.
+# (the fp32 division, as quantize_int8 does it)
+MAX_SCALE = float(torch.tensor(torch.finfo(torch.float32).max) / 127.0)
 
 
 class WireError(ValueError):
@@ -193,12 +203,15 @@ def decode(
         _fail(src, f"truncated: {n} bytes, shorter than the {HEADER_SIZE}-byte header")
     raw = buf[:HEADER_SIZE].numpy().tobytes()
     (magic, version, k, tcode, mhash, dev, T, d, bid, B, plen, compute_s) = _HEADER.unpack(raw)
+    reserved = raw[HEADER_SIZE - _RESERVED :]
     if magic != MAGIC:
         _fail(src, f"bad magic {magic!r} (expected {MAGIC!r}): not a devit message, or a corrupt one")
     if device is None:
         src = f"device {dev}"
     if version != VERSION:
         _fail(src, f"format version {version}, this side speaks version {VERSION}: update devit_ext on both sides")
+    if reserved != bytes(_RESERVED):
+        _fail(src, f"reserved header bytes 56..63 are {reserved.hex()}, expected zeros (a corrupt or foreign message)")
     if k not in _KINDS:
         _fail(src, f"unknown message kind {k}")
     if kind is not None and k != kind:
@@ -238,16 +251,24 @@ def decode(
     if n != HEADER_SIZE + want:
         what = "truncated" if n < HEADER_SIZE + want else "too long"
         _fail(src, f"{what}: {n} bytes, expected {HEADER_SIZE + want} (B={B}, T={T}, d={d}, {tname})")
-    if not (compute_s == compute_s) or compute_s < 0:
-        _fail(src, f"invalid compute time {compute_s}")
+    if not (math.isfinite(compute_s) and compute_s >= 0):
+        _fail(src, f"invalid compute time {compute_s} (expected a finite number of seconds >= 0)")
     body = buf[HEADER_SIZE:]
     msg = Message(k, tname, mhash, dev, T, d, bid, B, compute_s)
     if tname == "int8":
         s = body[: 4 * B * T].view(torch.float32).view(B, T)
-        if not torch.isfinite(s).all() or (s < 0).any():
-            _fail(src, "scales are negative, NaN or infinite")
-        msg.scales = s
-        msg.q = body[4 * B * T :].view(torch.int8).view(B, T, d)
+        # one comparison catches NaN too (NaN is not within the range)
+        if not bool(((s >= 0) & (s <= MAX_SCALE)).all()):
+            bad = s[~((s >= 0) & (s <= MAX_SCALE))]
+            _fail(src, f"scales are negative, NaN, infinite or above {MAX_SCALE:.3g} ({bad.numel()} of them, "
+                       f"first {float(bad[0])!r}): not made by quantize_int8")
+        q = body[4 * B * T :].view(torch.int8).view(B, T, d)
+        if bool((q == -128).any()):
+            _fail(src, f"{int((q == -128).sum())} int8 value(s) are -128, outside the symmetric range [-127, 127]")
+        msg.scales, msg.q = s, q
     else:
-        msg.tokens = body.view(FLOAT_TRANSFER_DTYPES[tname]).view(B, T, d)
+        t = body.view(FLOAT_TRANSFER_DTYPES[tname]).view(B, T, d)
+        if not bool(torch.isfinite(t).all()):
+            _fail(src, f"{int((~torch.isfinite(t)).sum())} {tname} token value(s) are NaN or infinite")
+        msg.tokens = t
     return msg

@@ -24,8 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # csrc/; docs/perf-notes.md "Static report" has the numbers). A new failure fails the tests; a fixed
 # one fails them too until it is removed here. Key: (check, kernel, arch, dtype).
 KNOWN_QUICK = {
-    # the __fdiv_rn slow path is a real call: 8 B stack, registers saved around it (csrc/, not the Triton kernels)
-    ("no_spills", "cuda:quantize_kernel", 90, "bf16"),
+    # the __fdiv_rn slow path is a real call: 8 B stack, registers saved around it (csrc/, not the Triton
+    # kernels; since the NaN tracking of issue 17 it lands on fp32 instead of bf16)
+    ("no_spills", "cuda:quantize_kernel", 90, "fp32"),
 }
 
 

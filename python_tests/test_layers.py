@@ -23,7 +23,7 @@ LAYERS = [
     ("ground: kernels", ["devit_ext.kernels"]),
     ("ground: ops", ["devit_ext.ops"]),
     ("ground: protocol", ["devit_ext.protocol", "devit_ext.wire"]),
-    ("model", ["devit_ext.model"]),
+    ("model", ["devit_ext.model", "devit_ext.model_files"]),
     ("methods", ["devit_ext.budgets", "devit_ext.decomposition", "devit_ext.importance", "devit_ext.partition", "devit_ext.data",
                  "devit_ext.checkpoint", "devit_ext.teacher", "devit_ext.dekd",
                  "devit_ext.training", "devit_ext.engines"]),

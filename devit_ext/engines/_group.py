@@ -222,7 +222,7 @@ class WorkerGroup:
                     pass
         self.pg = None
         self.pstore = None
-        self.store = None
+        self.store = None  # the rendezvous server (only this reference): its port is free from here on
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None

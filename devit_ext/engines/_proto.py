@@ -64,10 +64,25 @@ def parse_init_method(init_method: str) -> tuple[str, int, bool]:
 
 
 def make_store(host: str, port: int, world_size: int, is_master: bool, timeout: float):
+    """(store, prefixed store). With is_master the store is a *client* of a separate server
+    (`host_store`), returned first: see `host_store` for why."""
     import torch.distributed as dist
 
-    store = dist.TCPStore(host, port, world_size, is_master=is_master, timeout=td(timeout), wait_for_workers=False)
+    if is_master:
+        server = host_store(host, port, world_size, timeout)
+        client = dist.TCPStore(host, server.port, world_size, is_master=False, timeout=td(timeout))
+        return server, dist.PrefixStore(STORE_PREFIX, client)
+    store = dist.TCPStore(host, port, world_size, is_master=False, timeout=td(timeout))
     return store, dist.PrefixStore(STORE_PREFIX, store)
+
+
+def host_store(host: str, port: int, world_size: int, timeout: float):
+    """The rendezvous server alone. The process group and its pending receives hold only a client
+    store, so dropping this one object closes the listening port at once, even while a receive from
+    a hung worker still holds the group (and its client) in a waiter thread."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(host, port, world_size, is_master=True, timeout=td(timeout), wait_for_workers=False)
 
 
 def make_group(store, rank: int, world_size: int, timeout: float, backend: str = "gloo", host: str = "127.0.0.1"):

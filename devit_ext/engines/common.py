@@ -86,7 +86,24 @@ def resolve_request(model, images, *, engine: str, transfer, batch_size, timeout
     check_args(engine=engine, transfer=transfer, batch_size=batch_size, timeout=timeout, degrade=degrade)
     kind = check_images(model, images)
     dev = compute_device(model, images, device)
-    return Request(engine, transfer, batch_size, float(timeout), degrade, dev, resolve_dtype(dtype, dev), dtype, kind)
+    dt = resolve_dtype(dtype, dev)
+    if kind == "float":
+        check_images_fit(images, dt)
+    return Request(engine, transfer, batch_size, float(timeout), degrade, dev, dt, dtype, kind)
+
+
+def check_images_fit(images: torch.Tensor, dtype: torch.dtype) -> None:
+    """Float images must be finite in the compute dtype: 1e30 in fp16 (or 1e39 in fp64 for fp32)
+    would become Inf on the cast and NaN logits, so refuse them before any work."""
+    big = float(torch.finfo(dtype).max)
+    if float(torch.finfo(images.dtype).max) <= big:
+        return  # the cast cannot overflow (same dtype, fp16 into bf16 / fp32, bf16 into fp32)
+    amax = float(images.abs().amax())
+    if amax > big:
+        raise ValueError(
+            f"images: values up to {amax:.3g} overflow the compute dtype {str(dtype).replace('torch.', '')} "
+            f"(largest finite {big:.3g}); normalise the images or compute in float32"
+        )
 
 
 def compute_device(model, images: torch.Tensor, device) -> torch.device:
@@ -148,6 +165,8 @@ def check_images(model, images) -> str:
         raise ValueError(
             f"images: expected the model's input size {h}x{w} (B, {c}, {h}, {w}), got shape {tuple(images.shape)}"
         )
+    if images.device.type == "meta":
+        raise ValueError("images: on the meta device (shape only, no values); pass images with data (cpu or cuda)")
     if images.dtype == torch.uint8:
         return "uint8"
     # one reduction pass: any NaN/Inf makes the fp32 sum non-finite; only then (or on overflow of

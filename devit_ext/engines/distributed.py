@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from .. import ops, protocol, wire
+from ..checks import is_int, is_number
 from . import _proto, _waiters, common
 from ._group import DeviceError, DevicesError, DistributedError, WorkerGroup, WorkerRefused  # noqa: F401 - public errors
 
@@ -192,10 +193,21 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
     transfer, batch_size, timeout, degrade = request.transfer, request.batch_size, request.timeout, request.degrade
     n_dev = model.num_devices
     world = n_dev + 1
+    if world_size is not None and not is_int(world_size):
+        raise TypeError(f"world_size: expected an int (devices + 1 = {world}), got {world_size!r}")
     if world_size is not None and int(world_size) != world:
         raise ValueError(f"world_size: the model has {n_dev} devices, so the world size is {world} (aggregator + devices), got {world_size}")
     if not isinstance(spawn, bool):
         raise TypeError(f"spawn: expected a bool, got {type(spawn).__name__}")
+    if init_method is not None and not isinstance(init_method, str):
+        raise TypeError(f"init_method: expected a str 'tcp://HOST:PORT' or 'env://', got {init_method!r}")
+    if threads is not None and (not is_int(threads) or threads < 1):
+        raise ValueError(f"threads: expected None or a positive int, got {threads!r}")
+    if not isinstance(worker_device, str):
+        raise TypeError(f"worker_device: expected a device name such as 'cpu' or 'cuda:0', got {worker_device!r}")
+    if rendezvous_timeout is not None:
+        if not is_number(rendezvous_timeout) or not (0 < float(rendezvous_timeout) < float("inf")):
+            raise ValueError(f"rendezvous_timeout: expected None or a positive finite number of seconds, got {rendezvous_timeout!r}")
     if init_method is None and not spawn:
         raise ValueError(
             "engine='distributed' needs init_method='tcp://HOST:PORT' (workers started with `devit-ext worker`) "
@@ -206,11 +218,13 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
     backend = backend or "gloo"
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
-    if not isinstance(pipeline_depth, int) or pipeline_depth < 1:
+    if not is_int(pipeline_depth) or pipeline_depth < 1:
         raise ValueError(f"pipeline_depth: expected a positive int, got {pipeline_depth!r}")
     dev = request.device
     # the workers compute on their own device: resolve the caller's dtype for it
     wdtype = common.resolve_dtype(request.dtype_arg, torch.device(worker_device) if spawn else torch.device("cpu"))
+    if request.image_kind == "float":
+        common.check_images_fit(images, wdtype)
     rdv = float(rendezvous_timeout) if rendezvous_timeout is not None else (max(timeout, 120.0) if spawn else timeout)
     key = init_method if init_method is not None else SPAWN_KEY
 

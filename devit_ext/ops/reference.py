@@ -11,6 +11,11 @@ Numerics are defined here:
   [-127, 127]. A row whose scale is 0 (all zeros, or so tiny that the scale
   underflows) gives q = 0 and scale = 0: no NaN, no Inf. Kernels do the same
   fp32 division so that they match bit for bit on fp32 inputs.
+- Non-finite rows propagate, they are never hidden: a row holding a NaN has
+  scale NaN, a row holding an Inf (and no NaN) has scale Inf, and both have
+  q = 0, so that dequantisation gives NaN (0 * NaN, 0 * Inf) for the whole row.
+  A kernel that skipped NaN in its max would turn such a row into a finite
+  wrong token.
 - Everything is computed in fp32 whatever the input dtype.
 """
 from __future__ import annotations
@@ -26,10 +31,11 @@ Q_MAX = 127.0
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., D) float -> q int8 (..., D), scale float32 (...)."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1) / Q_MAX
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = xf.abs().amax(dim=-1) / Q_MAX  # amax propagates NaN
+    ok = (scale > 0) & torch.isfinite(scale)  # zero, NaN and Inf rows get q = 0
+    safe = torch.where(ok, scale, torch.ones_like(scale))
     q = torch.round(xf / safe.unsqueeze(-1)).clamp_(-Q_MAX, Q_MAX)
-    q = torch.where((scale > 0).unsqueeze(-1), q, torch.zeros_like(q))
+    q = torch.where(ok.unsqueeze(-1), q, torch.zeros_like(q))
     return q.to(torch.int8), scale
 
 
