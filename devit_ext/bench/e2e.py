@@ -14,11 +14,10 @@ GPU (the canonical setting): teacher timm `vit_large_patch16_224` (random weight
   included); and with `compile=True` (inductor fuses the elementwise passes
   of the sender side, the devit ops stay opaque), still in CUDA graphs
 
-CPU (2 cores): teacher ViT-S-shaped (384 wide, 6 heads, 12 blocks, 224 px),
-4 devices with the decomposition's default budget (40% of the teacher's FLOPs
-in total), fp32, batches 1 and 8: teacher eager, naive loop, plain stacked
-(eager), local engine, distributed engine over loopback (spawned workers; the
-row says why when that engine is not there or fails).
+CPU (2 cores): bench/e2e_cpu.py (teacher ViT-S/16 eager, compiled and on
+onnxruntime; naive loop; sub-models in onnxruntime one after the other; plain
+stacked; the local engine on its torch and onnxruntime senders; distributed
+over loopback), interleaved with a quiet-machine guard.
 
 Speed does not depend on weight values, so the DeViT is built directly with
 the shapes `decompose` would give (random initialisation) instead of running
@@ -341,54 +340,6 @@ def _run_gpu(quick: bool) -> Table:
 
 
 def _run_cpu(quick: bool) -> Table:
-    from ..engines import collaborate
+    from .e2e_cpu import run_cpu
 
-    skip = set(_env_list("DEVIT_E2E_SKIP"))
-    batches = [int(b) for b in _env_list("DEVIT_E2E_BATCHES")] or ([8] if quick else [1, 8])
-    teacher = make_teacher(CPU_TEACHER)
-    shape, how = default_cpu_shape(teacher)
-    model = build_devit(teacher, [shape] * NUM_DEVICES)
-    from ..shapes import teacher_config, vit_flops
-
-    frac = sum(model.flops()) / vit_flops(teacher_config(teacher))
-    title = (f"e2e cpu: {CPU_TEACHER} (224 px) vs {NUM_DEVICES}x(d={shape['embed_dim']},H={shape['num_heads']},"
-             f"L={shape['depth']},mlp={shape['mlp_hidden']}) = {frac:.0%} of the teacher's FLOPs [{how}], fp32, "
-             f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
-    t = Table(title)
-    rows = _Rows(t, "cpu", iters=3 if quick else 9, warmup=1, min_seconds=0.0)
-    stacked = PlainStacked(model)
-    st_box: dict = {}
-
-    def engine(x):
-        out, st = collaborate(model, x, return_stats=True)
-        st_box["st"] = st
-        return out
-
-    def dist(x):
-        out, st = collaborate(model, x, engine="distributed", spawn=True, timeout=60.0, return_stats=True)
-        st_box["dist"] = st
-        return out
-
-    dist_name = "distributed engine (loopback, spawned workers)"
-    dist_why = "DEVIT_E2E_SKIP" if "distributed" in skip else None
-    for b in batches:
-        xs = _inputs(b, model, "cpu", torch.float32, n=2)
-        entries = [("teacher eager (timm)", teacher), ("naive loop eager", model), ("plain stacked eager", stacked),
-                   ("local engine (ours, int8)", engine)]
-        if dist_why is None:
-            entries.append((dist_name, dist))
-        rows.interleaved(b, entries, xs, rounds=rows.iters)
-        for r in t.rows:
-            if r["batch"] != b or r.get("ms") == "-":
-                continue
-            if r["row"].startswith("local") and "st" in st_box:
-                st = st_box["st"]
-                r["bytes_per_image_per_device"] = st.transfer_bytes_per_image[0]
-                r["fp32_bytes"] = 4 * model.widths[0]
-                r["note"] = "ops: " + ", ".join(f"{k}={v.split(' (')[0]}" for k, v in st.op_paths.items())
-            if r["row"].startswith("distributed") and "dist" in st_box:
-                st = st_box["dist"]
-                r["bytes_per_image_per_device"] = st.transfer_bytes_per_image[0] if st.transfer_bytes_per_image else "-"
-        if dist_why is not None:
-            rows.skip(dist_name, b, dist_why)
-    return t
+    return run_cpu(quick, _env_list)
