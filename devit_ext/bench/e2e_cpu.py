@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -92,6 +93,9 @@ def interleave(table: Table, batch: int, entries, inputs, rounds: int, warmup: i
                 load.append(g.others_cores)
                 for n, s in per.items():
                     times[n].append(s)
+            # progress on stderr: a slow, loaded run shows where it is
+            print(f"[e2e cpu] batch {batch} round {r + 1}/{warmup + rounds} others {g.others_cores:.2f} cores: "
+                  + ", ".join(f"{n.split(' (')[0]} {v * 1e3:.0f}" for n, v in per.items()), file=sys.stderr, flush=True)
     quiet = [i for i, c in enumerate(load) if c < QUIET_CORES]
     use = quiet if len(quiet) >= 3 else list(range(len(load)))
     which = f"{len(use)}/{len(load)} quiet" if use is quiet else f"all {len(load)} (only {len(quiet)} quiet)"
