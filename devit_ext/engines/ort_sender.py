@@ -34,13 +34,13 @@ OPSET = 18
 
 
 def available() -> tuple[bool, str]:
-    """(True, version) when onnxruntime and onnx import here, else (False, why)."""
-    try:
-        ort = importlib.import_module("onnxruntime")
-        importlib.import_module("onnx")
-    except Exception as e:  # noqa: BLE001 - any import failure means the backend is unavailable
-        return False, f"{type(e).__name__}: {e}"
-    return True, str(ort.__version__)
+    """(True, onnxruntime version) when onnxruntime, onnx and onnxscript import here, else (False, why)."""
+    for name in ("onnxruntime", "onnx", "onnxscript"):  # onnxscript: torch's dynamo ONNX exporter
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any import failure means the backend is unavailable
+            return False, f"{name}: {type(e).__name__}: {e}"
+    return True, str(importlib.import_module("onnxruntime").__version__)
 
 
 def _prefix_only_block(blk: nn.Module, x: torch.Tensor, T: int) -> torch.Tensor:
