@@ -134,7 +134,7 @@ class _Tokens(torch.nn.Module):
 def run_cpu(quick: bool, env_list) -> Table:
     from ..engines import collaborate, ort_sender
     from ..shapes import teacher_config, vit_flops
-    from .e2e import CPU_TEACHER, NUM_DEVICES, PlainStacked, _inputs, build_devit, default_cpu_shape, make_teacher
+    from ._e2e_models import CPU_TEACHER, NUM_DEVICES, PlainStacked, _inputs, build_devit, default_cpu_shape, make_teacher
 
     skip = set(env_list("DEVIT_E2E_SKIP"))
     batches = [int(b) for b in env_list("DEVIT_E2E_BATCHES")] or ([8] if quick else [1, 8, 32])
