@@ -95,7 +95,7 @@ def interleave(table: Table, batch: int, entries, inputs, rounds: int, warmup: i
                     times[n].append(s)
             # progress on stderr: a slow, loaded run shows where it is
             print(f"[e2e cpu] batch {batch} round {r + 1}/{warmup + rounds} others {g.others_cores:.2f} cores: "
-                  + ", ".join(f"{n.split(' (')[0]} {v * 1e3:.0f}" for n, v in per.items()), file=sys.stderr, flush=True)
+                  + "; ".join(f"{n} {v * 1e3:.0f}" for n, v in per.items()), file=sys.stderr, flush=True)
     quiet = [i for i, c in enumerate(load) if c < QUIET_CORES]
     use = quiet if len(quiet) >= 3 else list(range(len(load)))
     which = f"{len(use)}/{len(load)} quiet" if use is quiet else f"all {len(load)} (only {len(quiet)} quiet)"

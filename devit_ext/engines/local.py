@@ -65,7 +65,7 @@ class LocalEngine:
                 # no stacked copy of the weights: onnxruntime holds its own
                 self.sender = None
                 self._sender = OrtSender(list(model.submodels))
-                self.backend_note = f"sender side on onnxruntime {self._sender.version} (CPU, one graph for all models)"
+                self.backend_note = f"sender side on onnxruntime {self._sender.version} (CPU, one session per sub-model)"
                 self.norms = [(s.norm.weight.detach().float().contiguous(), s.norm.bias.detach().float().contiguous(),
                                float(s.norm.eps)) for s in model.submodels]
             else:
@@ -271,7 +271,7 @@ def run(model, images: torch.Tensor, request: common.Request, *, return_stats: b
             "all sub-models ran fused in one process: per-device compute time is not separable "
             "(compute_s is all devices together); nothing crossed a wire (transfer_s None)",
             f"{len(eng.sender.groups)} stacked shape group(s): {[g.indices for g in eng.sender.groups]}"
-            if eng.sender is not None else "one onnxruntime session for all sub-models",
+            if eng.sender is not None else "one onnxruntime session per sub-model",
             eng.backend_note,
         ],
         extra={

@@ -1,12 +1,11 @@
-"""The local engine's sender side on onnxruntime (CPU): every sub-model in one ONNX graph.
+"""The local engine's sender side on onnxruntime (CPU): one ONNX session per sub-model.
 
 Why: on a CPU, onnxruntime runs a ViT ~2x faster than eager torch here (fused
 LayerNorm / GELU / bias into its MLAS GEMMs, no layout copies between ops;
-docs/perf-notes.md has the numbers). One graph for all sub-models (not one
-session per device) shares the input and pays one session call per batch.
+docs/perf-notes.md has the numbers).
 
-The graph gives each model's *pre-norm* prefix tokens, concatenated on the last
-axis: the final LayerNorm and the int8 quantisation stay in
+Each session gives its model's *pre-norm* prefix tokens (the last block on the
+prefix tokens only, as on the torch path): the final LayerNorm and the int8 quantisation stay in
 `protocol.encode` (`layernorm_quantize_int8`), exactly as on the torch path, so
 both paths send the same kind of message and differ only by fp32 rounding of the
 tokens.
@@ -114,22 +113,25 @@ def make_session(model_bytes: bytes, threads: int | None = None):
 
 
 class OrtSender:
-    """Callable like `stacked.SenderStack`: normalised fp32 images (B, C, H, W) -> per model (B, T, d)."""
+    """Callable like `stacked.SenderStack`: normalised fp32 images (B, C, H, W) -> per model (B, T, d).
+
+    One session per sub-model, run one after the other: in two interleaved bench runs (docs/perf-notes.md)
+    The bench's row of 4 sessions (one per sub-model, run in turn) beat an earlier version of this
+    sender that ran one graph holding all 4 models, in both interleaved runs (batch 8: 1360 vs 1950 ms,
+    batch 1: 170 vs 212 ms; docs/perf-notes.md).
+    """
 
     def __init__(self, submodels: Sequence[nn.Module], threads: int | None = None):
         ok, why = available()
         if not ok:
             raise RuntimeError(f"onnxruntime backend: cannot import onnxruntime/onnx ({why})")
         subs = [s.float().cpu().eval() for s in submodels]
-        self.widths = [int(s.embed_dim) for s in subs]
-        self.offsets = [sum(self.widths[:i]) for i in range(len(subs))]
         c = subs[0].cfg
         example = torch.randn(2, int(c["in_chans"]), *tuple(c["img_size"]))
         with torch.no_grad():
-            self.session = make_session(onnx_bytes(AllPreNormTokens(subs).eval(), example), threads)
+            self.sessions = [make_session(onnx_bytes(AllPreNormTokens([s]).eval(), example), threads) for s in subs]
         self.version = available()[1]
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = images.detach().to(dtype=torch.float32).contiguous().numpy()
-        out = torch.from_numpy(self.session.run(None, {"images": x})[0])  # (B, T, sum d)
-        return [out[..., o: o + w] for o, w in zip(self.offsets, self.widths)]
+        return [torch.from_numpy(s.run(None, {"images": x})[0]) for s in self.sessions]  # each (B, T, d)
