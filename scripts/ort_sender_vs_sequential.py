@@ -1,3 +1,6 @@
+"""The local engine's onnxruntime sender vs the 4 sub-models run one after the other in onnxruntime
+(the e2e cpu bench's two rows only), interleaved, with the other processes' CPU load per round.
+Run: PYTHONPATH=$PWD python scripts/ort_sender_vs_sequential.py"""
 import time, statistics, torch
 from devit_ext.bench._e2e_models import make_teacher, build_devit, default_cpu_shape, _inputs, CPU_TEACHER
 from devit_ext.bench.e2e_cpu import _ort_fn, _Tokens, Guard
