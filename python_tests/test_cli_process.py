@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,11 +88,13 @@ def test_bench_e2e_quick_tiny(tmp_path):
     rows = _rows(tmp_path / "res" / "e2e_e2e_cpu_cpu.json")
     by = {row["row"]: row for row in rows}
     base = by["teacher eager (timm)"]
-    for name in ("teacher eager (timm)", "naive loop eager", "plain stacked eager", "local engine (ours, int8)"):
+    local = "local engine (ours, int8, torch sender)"
+    for name in ("teacher eager (timm)", "naive loop eager", "plain stacked eager", local):
         row = by[name]
         assert row["batch"] == 2 and row["ms"] > 0, row
         assert row["speedup"] == pytest.approx(base["ms"] / row["ms"], rel=1e-6)  # against the same run's teacher
-    assert by["local engine (ours, int8)"]["bytes_per_image_per_device"] == by["local engine (ours, int8)"]["fp32_bytes"] // 4 + 4
+    width = int(re.search(r"x\(d=(\d+),", r.stdout).group(1))  # each sub-model's width, from the table title
+    assert f"sender=torch; {width + 4} B/image/device" in by[local]["note"]
     assert "skipped: DEVIT_E2E_SKIP" in by["distributed engine (loopback, spawned workers)"]["note"]
     assert "(32 px)" in r.stdout
 

@@ -33,7 +33,8 @@ from .. import ops, protocol
 from . import common
 from .stacked import SenderStack
 
-ENGINE_OPTS = ("cuda_graphs", "max_bucket", "compile")
+ENGINE_OPTS = ("cuda_graphs", "max_bucket", "compile", "backend")
+BACKENDS = ("torch", "onnxruntime", "auto")
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _CACHE_PER_MODEL = 4
 
@@ -48,16 +49,31 @@ def _structure(model) -> tuple:
 
 class LocalEngine:
     def __init__(self, model, device: torch.device, dtype: torch.dtype, transfer: str, *, cuda_graphs: bool = True,
-                 max_bucket: int = 256, compile: bool = False):
+                 max_bucket: int = 256, compile: bool = False, backend: str = "torch"):
         self.device, self.dtype, self.transfer = device, dtype, transfer
         self.num_devices = model.num_devices
         self.widths = list(model.widths)
         self.T = protocol.tokens_per_image(model)
         self.num_classes = model.num_classes
         self.in_chans, self.img_size = model.in_chans, tuple(model.img_size)
+        self.compiled = bool(compile)
+        self.backend, self.backend_note = self._pick_backend(backend)
         with torch.no_grad():
-            self.sender = SenderStack(list(model.submodels), device, dtype, ops.subvit_attention)
-            self.norms = [self.sender.final_norm(m) for m in range(self.num_devices)]
+            if self.backend == "onnxruntime":
+                from .ort_sender import OrtSender
+
+                # no stacked copy of the weights: onnxruntime holds its own
+                self.sender = None
+                self._sender = OrtSender(list(model.submodels))
+                self.backend_note = f"sender side on onnxruntime {self._sender.version} (CPU, one session per sub-model)"
+                self.norms = [(s.norm.weight.detach().float().contiguous(), s.norm.bias.detach().float().contiguous(),
+                               float(s.norm.eps)) for s in model.submodels]
+            else:
+                self.sender = SenderStack(list(model.submodels), device, dtype, ops.subvit_attention)
+                # opt-in: inductor fuses the elementwise passes between the batched matmuls; the devit ops
+                # stay single opaque nodes (they have fake kernels). Compiles on the first call of each shape.
+                self._sender = torch.compile(self.sender, dynamic=False) if self.compiled else self.sender
+                self.norms = [self.sender.final_norm(m) for m in range(self.num_devices)]
             self.branches = [
                 tuple(
                     None if t is None else t.detach().to(device=device, dtype=torch.float32).contiguous()
@@ -65,14 +81,34 @@ class LocalEngine:
                 )
                 for mp, cls in model.fusion.branches()
             ]
-        # opt-in: inductor fuses the elementwise passes between the batched matmuls; the devit ops
-        # stay single opaque nodes (they have fake kernels). Compiles on the first call of each shape.
-        self.compiled = bool(compile)
-        self._sender = torch.compile(self.sender, dynamic=False) if self.compiled else self.sender
         self.use_graphs = bool(cuda_graphs) and device.type == "cuda"
         self.max_bucket = int(max_bucket)
         self._graphs: dict[int, dict] = {}
         self._pool = None
+
+    def _pick_backend(self, backend: str) -> tuple[str, str]:
+        """(backend the sender side runs on, why): "auto" takes onnxruntime on a CPU in fp32 when it imports."""
+        from .ort_sender import available
+
+        cpu32 = self.device.type == "cpu" and self.dtype == torch.float32
+        if backend == "torch":
+            return "torch", "sender side on torch (stacked batched matmuls)"
+        ok, why = available()
+        if backend == "onnxruntime":
+            if not cpu32:
+                raise ValueError(f"backend: 'onnxruntime' runs the sender side on the CPU in float32, "
+                                 f"got device={self.device}, dtype={self.dtype}")
+            if self.compiled:
+                raise ValueError("backend: 'onnxruntime' and compile=True exclude each other")
+            if not ok:
+                raise RuntimeError(f"backend='onnxruntime': onnxruntime does not import here ({why}); "
+                                   "pip install \"devit-ext[export]\" or use backend='torch'")
+            return "onnxruntime", ""
+        if not cpu32 or self.compiled:
+            return "torch", "sender side on torch (auto: onnxruntime only for CPU float32 without compile)"
+        if not ok:
+            return "torch", f"sender side on torch (auto: onnxruntime unavailable: {why})"
+        return "onnxruntime", ""
 
     # -- the two halves --------------------------------------------------
     def send(self, images: torch.Tensor) -> list[protocol.TokenMessage]:
@@ -163,7 +199,11 @@ def get_engine(model, device: torch.device, dtype: torch.dtype, transfer: str, o
     mb = opts.get("max_bucket", 256)
     if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
         raise ValueError(f"max_bucket: expected a positive int, got {mb!r}")
-    key = (str(device), dtype, transfer, bool(opts.get("cuda_graphs", True)), mb, bool(opts.get("compile", False)))
+    backend = opts.get("backend", "torch")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    key = (str(device), dtype, transfer, bool(opts.get("cuda_graphs", True)), mb, bool(opts.get("compile", False)),
+           backend)
     per_model = _CACHE.setdefault(model, {})
     entry = per_model.get(key)
     # valid while the same parameter tensors are unmodified: every in-place change (optimizer
@@ -173,7 +213,8 @@ def get_engine(model, device: torch.device, dtype: torch.dtype, transfer: str, o
         entry = None
     if entry is None:
         params = list(model.parameters())
-        eng = LocalEngine(model, device, dtype, transfer, cuda_graphs=key[3], max_bucket=mb, compile=key[5])
+        eng = LocalEngine(model, device, dtype, transfer, cuda_graphs=key[3], max_bucket=mb, compile=key[5],
+                          backend=backend)
         entry = {"engine": eng, "params": params, "versions": list(map(_VERSION, params)),
                  "structure": _structure(model)}
         per_model.pop(key, None)
@@ -210,6 +251,8 @@ def run(model, images: torch.Tensor, request: common.Request, *, return_stats: b
         timing["compute_s"] = sum(a.elapsed_time(b) for a, b, _ in timing["events"]) / 1e3
         timing["fusion_s"] = sum(b.elapsed_time(c) for _, b, c in timing["events"]) / 1e3
     used = ("layernorm_quantize_int8", "subvit_attention", "ensemble_fusion") if transfer == "int8" else ("subvit_attention",)
+    if eng.backend == "onnxruntime":  # attention runs inside the onnxruntime graph
+        used = tuple(u for u in used if u != "subvit_attention")
     stats = common.Stats(
         engine="local",
         device=str(dev),
@@ -227,13 +270,16 @@ def run(model, images: torch.Tensor, request: common.Request, *, return_stats: b
         notes=[
             "all sub-models ran fused in one process: per-device compute time is not separable "
             "(compute_s is all devices together); nothing crossed a wire (transfer_s None)",
-            f"{len(eng.sender.groups)} stacked shape group(s): {[g.indices for g in eng.sender.groups]}",
+            f"{len(eng.sender.groups)} stacked shape group(s): {[g.indices for g in eng.sender.groups]}"
+            if eng.sender is not None else "one onnxruntime session per sub-model",
+            eng.backend_note,
         ],
         extra={
             "cuda_graphs": eng.use_graphs,
             "compiled": eng.compiled,
             "buckets": sorted(eng._graphs),
-            "homogeneous": eng.sender.homogeneous,
+            "homogeneous": eng.sender.homogeneous if eng.sender is not None else None,
+            "sender_backend": eng.backend,
         },
     )
     if request.degrade:
