@@ -1,11 +1,12 @@
 """A DEKD run on sklearn's digits, started by the torchrun tests (one process or several).
 
-    python _ddp_job.py TEACHER_DIR OUT_DIR RESULT_JSON [--resume] [--stop-after-distill] [--die-rank R]
+    python _ddp_job.py TEACHER_DIR OUT_DIR RESULT_JSON [--resume] [--stop-after-distill] [--die-rank R] [--batch B]
 
 Trains DEKD from the teacher saved in TEACHER_DIR, writes the test accuracy
 and the history summary to RESULT_JSON (rank 0). `--stop-after-distill` exits
 with code 3 after the last distill epoch (its checkpoint written);
-`--die-rank R` makes rank R kill itself in the second distill epoch.
+`--die-rank R` makes rank R kill itself in the second distill epoch; `--batch B` sets the
+per-process batch (default: a global batch of 64 over the processes).
 """
 import json
 import os
@@ -30,6 +31,7 @@ def main(argv):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     die_rank = int(flags[flags.index("--die-rank") + 1]) if "--die-rank" in flags else -1
+    per_process = int(flags[flags.index("--batch") + 1]) if "--batch" in flags else GLOBAL_BATCH // world
     splits = D.digits(seed=0)
     teacher, _ = load_teacher(teacher_dir)
     model = devit_ext.decompose(teacher, 2, budgets=[0.3, 0.3], seed=0)
@@ -41,7 +43,7 @@ def main(argv):
             sys.exit(3)
 
     hist = devit_ext.train_dekd(model, teacher, splits.train, splits.val, epochs=EPOCHS,
-                                batch_size=GLOBAL_BATCH // world, lr=3e-3, device="cpu", shift=1,
+                                batch_size=per_process, lr=3e-3, device="cpu", shift=1,
                                 out_dir=out_dir, resume="--resume" in flags, progress=False, callback=callback,
                                 dist_timeout=60)
     if rank == 0:

@@ -4,6 +4,7 @@ Every process binds the loopback address only.
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -75,10 +76,18 @@ def test_resume_under_torchrun_after_the_first_stage(teacher_dir, tmp_path):
     with open(checkpoint_files(os.path.join(out, "checkpoint"))[0]) as f:
         st = json.load(f)
     assert (st["stage"], st["epoch"]) == (1, 0)  # stage "distill" closed, "ensemble" not begun
+    shutil.copytree(out, out + "-one")  # the same checkpoint, resumed by one process below
     second = _torchrun([teacher_dir, out, res, "--resume"])
     assert second.returncode == 0, second.stderr[-3000:]
     r = _result(res)
     assert r["epochs"] == {"distill": 4, "ensemble": 6} and r["world_size"] == 2
+    # batch_size is per process: resumed by one process with the same per-process batch (32)
+    one = subprocess.run([sys.executable, JOB, teacher_dir, out + "-one", res + "-one", "--resume", "--batch", "32"],
+                         capture_output=True, text=True, timeout=600, env=_env())
+    assert one.returncode == 0, one.stderr[-3000:]
+    r1 = _result(res + "-one")
+    assert r1["epochs"] == {"distill": 4, "ensemble": 6} and r1["world_size"] == 1
+    assert abs(r1["acc"] - r["acc"]) <= 0.05  # the ensemble stage at half the global batch
 
 
 def test_a_killed_rank_makes_the_other_stop_with_an_error(teacher_dir, tmp_path):

@@ -71,8 +71,8 @@ def test_a_hand_built_message_decodes():
     (good() + b"\x00", {}, r"from device 2: too long: 79 bytes, expected 78 \(B=2, T=1, d=3, int8\)"),
     (good(compute_s=-1.0), {}, r"from device 2: invalid compute time -1.0"),
     (good(compute_s=math.nan), {}, r"from device 2: invalid compute time nan"),
-    (header() + int8_payload(scales=[0.5, -0.5]), {}, r"from device 2: scales are negative, NaN or infinite"),
-    (header() + int8_payload(scales=[math.inf, 0.5]), {}, r"from device 2: scales are negative, NaN or infinite"),
+    (header() + int8_payload(scales=[0.5, -0.5]), {}, r"from device 2: scales are negative, NaN, infinite or above"),
+    (header() + int8_payload(scales=[math.inf, 0.5]), {}, r"from device 2: scales are negative, NaN, infinite or above"),
 ])
 def test_decode_refuses(raw, kw, match):
     with pytest.raises(wire.WireError, match="^wire: message " + match):
