@@ -116,14 +116,7 @@ def train_teacher(
     checkpoint it starts from the beginning). `callback(epoch, record)` runs
     after each epoch's checkpoint.
     """
-    args = dict(locals())
-    from tqdm.auto import tqdm
-
-    ctx = D.setup(args.pop("device"), dist_timeout)
-    try:
-        return _train(ctx, tqdm, **args)
-    finally:
-        ctx.close()
+    return D.run(_train, dict(locals()))
 
 
 def _train(ctx, tqdm, *, train_data, val_data, teacher, epochs, batch_size, lr, weight_decay, shift, clip,

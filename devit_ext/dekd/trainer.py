@@ -109,14 +109,7 @@ def train_dekd(
     Returns {"distill": [per-epoch dict], "ensemble": [...], "best": {stage:
     {"epoch", "val_acc", "ema"}}, "settings": {...}}.
     """
-    args = dict(locals())
-    from tqdm.auto import tqdm
-
-    ctx = D.setup(args.pop("device"), dist_timeout)
-    try:
-        return _train(ctx, tqdm, **args)
-    finally:
-        ctx.close()
+    return D.run(_train, dict(locals()))
 
 
 def _train(ctx, tqdm, *, model, teacher, train_data, val_data, stages, epochs, batch_size, lr, weight_decay,

@@ -115,3 +115,16 @@ def setup(device, timeout_s: float = 1800.0) -> Context:
         owns = True
     return Context(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank,
                    local_world=local_world, device=dev, owns_group=owns)
+
+
+def run(train, args: dict):
+    """`train(ctx, tqdm, **args)` in this process's place in the run (from args' "device" and
+    "dist_timeout"), closing the process group if it was opened here: the trainers' entry point."""
+    from tqdm.auto import tqdm
+
+    args = dict(args)
+    ctx = setup(args.pop("device"), args["dist_timeout"])
+    try:
+        return train(ctx, tqdm, **args)
+    finally:
+        ctx.close()
