@@ -23,6 +23,7 @@ import time
 
 # The recipe (tuned on 2 CPU cores; see docs/demo-results.md).
 TEACHER = dict(embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, patch_size=7)
+# `affine` (optional): the teacher sees a fresh RandomAffine draw of every image each epoch (AffineDataset)
 TEACHER_TRAIN = dict(epochs=30, batch_size=128, lr=2e-3, shift=2)
 DEKD = dict(epochs={"distill": 5, "ensemble": 10}, lr={"distill": 2e-3, "ensemble": 2e-3}, batch_size=64,
             device_dropout=0.1, shift=1)
@@ -30,6 +31,29 @@ TINY_TEACHER = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_siz
 TINY_TEACHER_TRAIN = dict(epochs=1, batch_size=32, lr=2e-3, shift=2)
 TINY_DEKD = dict(epochs={"distill": 1, "ensemble": 1}, lr={"distill": 2e-3, "ensemble": 1e-3}, batch_size=32,
                  device_dropout=0.1, shift=1)
+
+
+class AffineDataset:
+    """The demo's teacher data: `base`'s items with a fresh torchvision RandomAffine draw per item.
+
+    train_teacher streams a Dataset every epoch, so each epoch sees new rotations,
+    shifts and scales (drawn from torch's global RNG, which train_teacher seeds per
+    epoch: runs repeat).
+    """
+
+    def __init__(self, base, degrees: float, translate: float, scale: tuple[float, float]):
+        from torchvision.transforms import v2
+
+        self.base = base
+        self.labels = base.labels  # so train_teacher knows them without a pass over the items
+        self.transform = v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=tuple(scale))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return self.transform(x), y
 
 
 def _default_cache() -> str:
@@ -119,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (TINY_DEKD if args.tiny else DEKD).items()}
     if args.epochs is not None:
         ttrain["epochs"] = args.epochs
+        if ttrain["epochs"] <= ttrain.get("warmup_epochs", 0):  # a run this short warms up for its first 20%
+            del ttrain["warmup_epochs"]
     if args.dekd_epochs is not None:
         recipe["epochs"] = {"distill": args.dekd_epochs[0], "ensemble": args.dekd_epochs[1]}
     if args.device_dropout is not None:
@@ -141,10 +167,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         say(f"[1/4] training the teacher ({arch}, {ttrain['epochs']} epochs) ...")
         t0 = time.time()
-        teacher, _ = train_teacher(train, val, img_size=splits.img_size, in_chans=splits.in_chans, num_classes=10,
+        fit = {k: v for k, v in ttrain.items() if k != "affine"}
+        aug = ttrain.get("affine")
+        teacher_data = AffineDataset(train, **aug) if aug else train
+        teacher, _ = train_teacher(teacher_data, val, img_size=splits.img_size, in_chans=splits.in_chans, num_classes=10,
                                    mean=splits.mean, std=splits.std, seed=args.seed, device=dev,
                                    progress=progress, out_dir=ckpt_dir, resume=ckpt_dir is not None,
-                                   **arch, **ttrain)
+                                   **arch, **fit)
         teacher_seconds = time.time() - t0  # this call only: epochs done before a resume are not counted
         if tdir:
             save_teacher(teacher, tdir, extra={"train_seconds": teacher_seconds})

@@ -96,6 +96,7 @@ def train_teacher(
     cutmix: float | None = None,
     ema_decay: float | None = None,
     accum_steps: int | None = None,
+    warmup_epochs: float | None = None,
     loader_opts: dict | None = None,
     dist_timeout: float = 1800.0,
     callback: Callable[[int, dict], Any] | None = None,
@@ -114,14 +115,16 @@ def train_teacher(
     history) is written to `out_dir/checkpoint/` after every epoch.
     `resume=True` continues from it exactly (same settings required; without a
     checkpoint it starts from the beginning). `callback(epoch, record)` runs
-    after each epoch's checkpoint.
+    after each epoch's checkpoint. The lr follows a one-cycle schedule whose
+    warm-up is the first 20% of the epochs, or the first `warmup_epochs`
+    (a fixed length, so longer runs do not also warm up for longer).
     """
     return D.run(_train, dict(locals()))
 
 
 def _train(ctx, tqdm, *, train_data, val_data, teacher, epochs, batch_size, lr, weight_decay, shift, clip,
            label_smoothing, seed, progress, out_dir, resume, recipe, mixup, cutmix, ema_decay, accum_steps,
-           loader_opts, dist_timeout, callback, arch):
+           warmup_epochs, loader_opts, dist_timeout, callback, arch):
     dev = ctx.device
     progress = progress and ctx.is_main
     rcp = R.resolve(recipe, mixup=mixup, cutmix=cutmix, label_smoothing=label_smoothing, ema_decay=ema_decay,
@@ -148,6 +151,13 @@ def _train(ctx, tqdm, *, train_data, val_data, teacher, epochs, batch_size, lr, 
     weight_decay, clip = U.real("weight_decay", weight_decay, lo=0), U.real("clip", clip, lo=0)
     shift, seed = U.count("shift", shift), U.count("seed", seed)
     U.real("dist_timeout", dist_timeout, lo=0, lo_open=True)
+    if warmup_epochs is None:
+        pct_start = 0.2
+    else:
+        warmup_epochs = U.real("warmup_epochs", warmup_epochs, lo=0, lo_open=True)
+        if warmup_epochs >= epochs:
+            raise ValueError(f"warmup_epochs: expected fewer than epochs={epochs}, got {warmup_epochs}")
+        pct_start = warmup_epochs / epochs
     if resume and out_dir is None:
         raise ValueError("resume: needs out_dir (where the checkpoints are)")
     settings = {  # what makes a run this run: resuming with anything else would not continue it
@@ -156,6 +166,8 @@ def _train(ctx, tqdm, *, train_data, val_data, teacher, epochs, batch_size, lr, 
         "num_val": 0 if val is None else len(val), "recipe": rcp.settings(),
         "architecture": getattr(teacher, "devit_teacher_kwargs", None),
     }
+    if warmup_epochs is not None:  # absent when unset, so older checkpoints still resume
+        settings["warmup_epochs"] = float(warmup_epochs)
 
     torch.manual_seed(seed)
     teacher.to(dev).train()
@@ -164,7 +176,7 @@ def _train(ctx, tqdm, *, train_data, val_data, teacher, epochs, batch_size, lr, 
     steps = steps_per_epoch(-(-len(train) // global_batch), rcp.accum_steps)
     max_lr = rcp.lr(lr, global_batch * rcp.accum_steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=max_lr, total_steps=epochs * steps, pct_start=0.2, div_factor=25, final_div_factor=1e3
+        opt, max_lr=max_lr, total_steps=epochs * steps, pct_start=pct_start, div_factor=25, final_div_factor=1e3
     )
     ema = R.make_ema(rcp, teacher)
     mix = R.make_mixup(rcp, C)

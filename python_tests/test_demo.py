@@ -35,3 +35,47 @@ def test_demo_rejects_bad_arguments(capsys):
     assert "--devices" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["demo", "--device", "tpu"])
+
+
+def test_affine_dataset_draws_fresh_images_and_keeps_labels():
+    import torch
+
+    from devit_ext.data import ImageDataset
+    from devit_ext.demo import AffineDataset
+
+    g = torch.Generator().manual_seed(0)
+    base = ImageDataset(torch.rand(6, 1, 28, 28, generator=g), torch.arange(6) % 3, 3)
+    aug = AffineDataset(base, degrees=10, translate=0.1, scale=[0.9, 1.1])
+    assert len(aug) == 6 and torch.equal(aug.labels, base.labels)
+    torch.manual_seed(1)
+    x1, y1 = aug[4]
+    x2, _ = aug[4]
+    torch.manual_seed(1)
+    x1_again, _ = aug[4]
+    assert x1.shape == (1, 28, 28) and y1 == 1
+    assert not torch.equal(x1, base.images[4]) and not torch.equal(x1, x2)  # a new draw every call
+    assert torch.equal(x1, x1_again)  # from torch's RNG, which train_teacher seeds per epoch
+
+
+def _tiny_teacher_run(tmp_path=None, **kw):
+    import torch
+
+    from devit_ext.teacher import train_teacher
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 1, 14, 14, generator=g), torch.arange(64) % 4
+    return train_teacher((x, y), None, img_size=14, in_chans=1, num_classes=4, embed_dim=16, depth=1, num_heads=2,
+                         mlp_ratio=2.0, patch_size=7, batch_size=32, progress=False,
+                         out_dir=tmp_path, **kw)[1]
+
+
+def test_teacher_fixed_warmup_epochs(tmp_path):
+    # default: the one-cycle peak is 20% in (end of epoch 1 of 5); warmup_epochs=2 moves it to epoch 2
+    default = [h["lr"] for h in _tiny_teacher_run(epochs=5)]
+    fixed = [h["lr"] for h in _tiny_teacher_run(tmp_path, epochs=5, warmup_epochs=2)]
+    assert default[0] == max(default) and default[1] < default[0]
+    assert fixed[0] < fixed[1] == max(fixed)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        _tiny_teacher_run(epochs=2, warmup_epochs=2)
+    with pytest.raises(ValueError, match="warmup_epochs"):  # part of what a resumed run must match
+        _tiny_teacher_run(tmp_path, epochs=5, warmup_epochs=1, resume=True)
