@@ -255,3 +255,11 @@ def test_full_report_every_shape_and_dtype(tmp_path):
     got = _failures(res)
     assert got - KNOWN_FULL == set(), f"new check failures: {sorted(got - KNOWN_FULL)}"
     assert KNOWN_FULL - got == set(), f"fixed (remove from KNOWN_FULL): {sorted(KNOWN_FULL - got)}"
+
+
+def test_kernel_name_ignores_digits_in_the_anonymous_namespace_hash():
+    from devit_ext.bench._static_cuda import kernel_name
+
+    # a real name from one build: the hash "2f47f883" holds "47", which reads as a 47-character identifier
+    mangled = "_ZN5devit46_GLOBAL__N__2f47f883_13_quant_cuda_cu_d412463b15quantize_kernelIfEEvPKT_llllPaPf"
+    assert kernel_name(mangled) == ("quantize_kernel", "fp32")

@@ -57,13 +57,19 @@ def nvcc_command(arch: int, out: str) -> list[str]:
 def kernel_name(mangled: str) -> tuple[str, str]:
     """('quantize_kernel', 'bf16') from the mangled name of a template instantiation."""
     # Itanium mangling: <length><identifier>; the kernel is the identifier followed by its template args 'I...E'
+    # Digits inside an anonymous namespace's hash (_GLOBAL__N__<path hash>) can read as a longer length that
+    # also ends at "_kernel": of the identifiers that end there, the shortest is the kernel's own name.
+    found = []
     for m in re.finditer(r"(\d+)", mangled):
         n, start = int(m.group(1)), m.end()
         ident = mangled[start:start + n]
         if ident.endswith("_kernel") and mangled[start + n:start + n + 1] == "I":
             t = _TEMPLATE_ARG.match(mangled, start + n)
             if t:
-                return ident, _TYPES.get(t.group(1), t.group(1))
+                found.append((len(ident), ident, _TYPES.get(t.group(1), t.group(1))))
+    if found:
+        _, ident, dtype = min(found)
+        return ident, dtype
     return mangled, "?"
 
 
