@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from typing import Any
 
@@ -61,6 +62,25 @@ def write_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def build_beside(out: str, fill):
+    """`fill(tmp)` builds a directory beside `out`, which then replaces `out` (never half of one); returns what fill returned.
+
+    An error (or interrupt) while filling removes the scratch directory and leaves `out` as it was.
+    """
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.")
+    try:
+        result = fill(tmp)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
 
 
 def write_json(path: str, obj: Any) -> None:

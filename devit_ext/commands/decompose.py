@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 
 from .. import run_dir as R
 from ..run_dir import RunError
@@ -86,20 +84,12 @@ def run(args) -> int:
         "classes": folder.classes if folder is not None else None,
         "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dcfg.items()},
     }
-    # build the whole RUN beside its final place, then move it in: never half a RUN
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.")
-    try:
+    def fill(tmp):
         model.save(os.path.join(tmp, R.DECOMPOSED_DIR))
         R.write_json(os.path.join(tmp, R.RUN_FILE), rec)
         R.write_args(tmp, "decompose", settings(args))
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    R.build_beside(out, fill)  # never half a RUN
     print(model.summary())
     print(f"decompose: wrote {out} (model {os.path.join(out, R.DECOMPOSED_DIR)}, hash {model.content_hash()[:12]})")
     return 0

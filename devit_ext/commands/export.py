@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 
 from .. import run_dir as R
 from ..run_dir import RunError
@@ -59,10 +57,7 @@ def run(args) -> int:
         images = torch.randn(n_check, model.in_chans, *model.img_size, generator=g)
         source = f"{n_check} seeded N(0, 1) images (no --data)"
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.")
-    try:
+    def fill(tmp):
         with tqdm(total=model.num_devices + 1, desc=f"export {args.format}") as bar:
             manifest = E.export_model(model, tmp, args.format, opset=args.opset, progress=bar)
         manifest["preprocess"] = E.preprocess(dcfg)
@@ -74,12 +69,10 @@ def run(args) -> int:
         parity["source"] = source
         manifest["parity"] = parity
         R.write_json(os.path.join(tmp, "manifest.json"), manifest)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return manifest
+
+    manifest = R.build_beside(out, fill)  # nothing reaches --out unless every file passed its parity check
+    parity = manifest["parity"]
     for d in parity["devices"]:
         print(f"export: device {d['device']}: max |token - PyTorch| = {d['max_abs_diff']:.3g}")
     f = parity["fusion"]
