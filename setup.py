@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -99,7 +99,9 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["devit_ext", "devit_ext.ops", "devit_ext.engines", "devit_ext.bench", "devit_ext.kernels"],
+    # Every package under devit_ext/ is found, so a new subpackage cannot be left out of the wheel;
+    # kernels/ sits at the top level (the design card) and installs as devit_ext.kernels.
+    packages=find_packages(include=["devit_ext", "devit_ext.*"], exclude=["devit_ext.kernels"]) + ["devit_ext.kernels"],
     package_dir={"devit_ext": "devit_ext", "devit_ext.kernels": "kernels"},
     ext_modules=[CMakeExtension("devit_ext._C")],
     cmdclass={"build_ext": CMakeBuild},

@@ -51,6 +51,24 @@ def test_build_info_keys_and_types():
         assert set(info[key]) == set(OP_NAMES) and all(info[key].values()), info[key]
 
 
+def test_every_source_package_is_installed():
+    """Each package of the source tree imports from the installed devit_ext (a wheel missing one breaks every user)."""
+    import importlib
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    names = {"devit_ext." + ".".join(p.parent.relative_to(root / "devit_ext").parts)
+             for p in (root / "devit_ext").rglob("__init__.py") if p.parent != root / "devit_ext"}
+    names |= {"devit_ext.kernels"} if (root / "kernels" / "__init__.py").exists() else set()
+    assert names, "no subpackages found in the source tree"
+    installed = pathlib.Path(devit_ext.__file__).resolve().parent
+    for name in sorted(names):
+        module = importlib.import_module(name)
+        assert module.__file__, name
+        where = pathlib.Path(module.__file__).resolve()
+        assert installed in where.parents or where.parent == (root / "kernels"), (name, where)
+
+
 def test_native_module_loaded():
     info = devit_ext.build_info()
     assert info["cpp"], f"devit_ext._C did not load: {info['native_error']}"
