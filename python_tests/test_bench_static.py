@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from _child import child_env
 
 from devit_ext.bench import _compiled, _gpu_arch, _static_cuda, static
 
@@ -178,10 +179,9 @@ def _run_static(tmp_path, *extra, timeout=600):
     if why:
         pytest.skip(f"bench static needs Triton, nvcc and cuobjdump: {why}")
     out = tmp_path / "static.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env(drop=("TRITON_INTERPRET",))
     p = subprocess.run([sys.executable, "-m", "devit_ext.cli", "bench", "static", "--arch", "80,90", "--json", str(out),
-                        *extra], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+                        *extra], capture_output=True, text=True, env=env, timeout=timeout, cwd=str(tmp_path))
     assert p.returncode in (0, 1), f"bench static crashed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     res = json.loads(out.read_text())
     assert (p.returncode == 1) == bool(res["checks"]), "exit status must say whether a check failed"

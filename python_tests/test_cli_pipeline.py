@@ -14,11 +14,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _child import child_env  # noqa: E402
 from _cli_data import CLASSES, TEACHER, kwargs_flags, train_teacher_file, write_imagefolder  # noqa: E402
 
 from devit_ext.cli import main  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--epochs", "1", "1", "--batch-size", "16", "--no-progress"]
 
 
@@ -28,11 +28,11 @@ def run(tmp_path_factory):
     data = write_imagefolder(str(base / "data"))
     ckpt = train_teacher_file(str(base / "teacher.safetensors"), data, steps=15)
     out = str(base / "run")
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env()
     proc = subprocess.run(
         [sys.executable, "-m", "devit_ext", "decompose", "--teacher", TEACHER, "--teacher-checkpoint", ckpt,
          "--model-kwargs", *kwargs_flags(), "--devices", "2", "--data", data, "--out", out],
-        capture_output=True, text=True, env=env, timeout=300)
+        capture_output=True, text=True, env=env, timeout=300, cwd=str(base))
     assert proc.returncode == 0, proc.stderr
     assert "decompose: wrote" in proc.stdout
     assert main(["train", out, "--data", data, *TRAIN]) == 0

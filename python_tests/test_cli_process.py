@@ -2,7 +2,7 @@
 what it prints and the files it writes.
 
 The command is the console script pip installed next to this Python (or on
-PATH); the package it imports is this source tree (PYTHONPATH). Without an
+PATH); the package it imports is the one this test process imported (_child.child_env). Without an
 installed command these tests skip and say so (`pip install -e .`).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from _child import child_env
 
 import devit_ext
 
@@ -31,9 +32,7 @@ pytestmark = pytest.mark.skipif(CMD is None, reason="the devit-ext command is no
 
 
 def run_cli(args, cwd, timeout=600, **env_extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(env_extra)
+    env = child_env(**env_extra)
     return subprocess.run([CMD, *args], cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -115,8 +114,7 @@ assert model.content_hash() == devit_ext.load("devit-4").content_hash()
 print("README example OK")
 """
     script.write_text(code + checks)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env()
     r = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

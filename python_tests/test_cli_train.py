@@ -11,11 +11,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _child import child_env  # noqa: E402
 from _cli_data import TEACHER, TEACHER_KWARGS, kwargs_flags, write_imagefolder  # noqa: E402
 
 from devit_ext.cli import main  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -72,10 +72,10 @@ def test_torchrun_trains_data_parallel(small_run):
 
     data, run = small_run
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "devit_ext", "train", run, "--data", data,
                            "--epochs", "1", "1", "--batch-size", "4", "--workers", "0", "--no-progress"],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=600, cwd=os.path.dirname(run))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("train: wrote") == 1  # rank 0 only
     model = devit_ext.load(os.path.join(run, "model"))

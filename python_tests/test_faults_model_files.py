@@ -24,6 +24,7 @@ import torch
 from devit_ext import model_files
 from devit_ext.model import ModelFileError, load
 
+from _child import child_env
 from test_distributed import make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,7 +223,7 @@ def test_real_kill_after_swap(tmp_path):
         "model_files._on_step = lambda n: os._exit(9) if n == 'swapped' else None;"
         "make_model(seed=1).save(sys.argv[1])"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python_tests")]))
+    env = child_env(os.path.join(ROOT, "python_tests"))
     r = subprocess.run([sys.executable, "-c", code, str(p), os.path.join(ROOT, "python_tests")], env=env,
                        timeout=120, capture_output=True)
     assert r.returncode == 9, r.stderr.decode()[-2000:]

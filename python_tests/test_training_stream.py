@@ -1,6 +1,7 @@
 """Streaming data in both trainers: transforms drawn afresh every epoch, loader settings, memory, bad batches."""
 import multiprocessing as mp
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -171,7 +172,12 @@ def test_plans_shard_the_same_global_batches_over_processes():
 
 @pytest.mark.slow
 def test_a_data_set_larger_than_memory_budget_streams_in_bounded_rss(tmp_path):
-    """2,600 lazily generated 3x224x224 images (1.57 GB as float32) train one epoch of each stage under 1.2 GB RSS."""
+    """2,600 lazily generated 3x224x224 images (1.57 GB as float32) train one epoch of each stage in bounded memory.
+
+    The bound is on what training adds: the peak RSS during train_dekd over the RSS just before it (torch,
+    the teacher and the decomposed model already loaded) stays under 600 MB, far below the data set's size,
+    and the whole process stays under 1.2 GB where its start-up is the usual ~0.7 GB. Both figures are printed.
+    """
     script = textwrap.dedent("""
         import resource, torch
         import devit_ext
@@ -192,6 +198,8 @@ def test_a_data_set_larger_than_memory_budget_streams_in_bounded_rss(tmp_path):
         t = build_teacher(img_size=224, patch_size=56, in_chans=3, num_classes=4, embed_dim=16, depth=1,
                           num_heads=2, mlp_ratio=2.0).eval()  # cheap per pixel: the test is about memory
         m = devit_ext.decompose(t, 2, budgets=[0.5, 0.5], seed=0)
+        before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+        print("BEFORE_MB", before, "PEAK_BEFORE_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         h = devit_ext.train_dekd(m, t, Lazy(n), epochs=1, batch_size=64, device="cpu", progress=False,
                                  loader_opts={"num_workers": 0})
         assert len(h["distill"]) == 1 and len(h["ensemble"]) == 1
@@ -201,7 +209,11 @@ def test_a_data_set_larger_than_memory_budget_streams_in_bounded_rss(tmp_path):
     # batch buffers kept in them count as RSS. One run inside the loaded full suite peaked at 2.1 GB where
     # every other run (alone, in pytest or not) peaked at 1.05 GB; the test is about what the trainer holds
     env = dict(os.environ, MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=str(tmp_path))  # not the checkout: `-c` puts the cwd first on sys.path
     assert out.returncode == 0, out.stderr[-3000:]
-    peak = float(out.stdout.split("PEAK_MB")[1])
-    assert peak < 1200, f"peak RSS {peak:.0f} MB"
+    figures = {k: float(v) for k, v in re.findall(r"(\w+_MB) ([0-9.]+)", out.stdout)}
+    before, peak = figures["BEFORE_MB"], figures["PEAK_MB"]
+    assert peak - before < 600, f"training added {peak - before:.0f} MB (peak RSS {figures})"
+    if before < 900:  # a start-up that is itself unusually large says nothing about the trainer
+        assert peak < 1200, f"peak RSS {figures}"

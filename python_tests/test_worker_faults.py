@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from _child import child_env
 
 from devit_ext.engines import distributed as D
 from devit_ext.model import DeViT, FusionHead, SubViT
@@ -68,10 +69,7 @@ def one_device_model() -> DeViT:
 def start_fake(tmp_path, mode, port, model):
     script = tmp_path / "fake_worker.py"
     script.write_text(FAKE)
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
+    env = child_env(OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, str(script), mode, str(port), model.content_hash(), "16"],
                             cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
