@@ -14,7 +14,7 @@ import devit_ext
 from devit_ext import importance as imp
 from devit_ext import partition as part
 from devit_ext.budgets import search_shape
-from devit_ext.decomposition import choose_units, decompose
+from devit_ext.decomposition import decompose
 from devit_ext.model import CheckpointError, SubViT, load
 from devit_ext.shapes import describe_shape, summary_table, teacher_config, uniform_config, vit_flops, vit_params
 
@@ -91,27 +91,78 @@ def test_pruning_nothing_reproduces_teacher(which, request, images):
         assert torch.allclose(sub(images), t(images)[:, g], atol=1e-6, rtol=0)
 
 
-def test_inherited_weights_are_exact_slices(vit):
-    t = vit
-    tcfg = teacher_config(t)
-    budgets = [{"embed_dim": 24, "depth": 3, "num_heads": 2, "mlp_hidden": 40}] * 2
-    m = decompose(t, 2, budgets=budgets)
-    scores = imp.magnitude(t, tcfg, m.class_groups)
-    D, H, d = tcfg["head_dim"], 3, 48
+# Keep-sets known by construction: every unit of the teacher is put in a tier by scaling all the weights
+# that read or write it (1, 0.1 or 0.001; a tier is 10x the next, far more than the spread of the random
+# weights' magnitudes). A sub-model allowed k units must keep the first tier(s) that hold k, whatever the
+# exact score formula; nothing here calls choose_units or reads the model's meta.
+TIER = (1.0, 0.1, 1e-3)
+KEEP_EMBED = (24, 16)  # sub-model 0 keeps tiers 0+1 (16 + 8 channels), sub-model 1 tier 0 only
+KEEP_HEADS = (2, 1)
+KEEP_NEURONS = (40, 20)
+
+
+def _tiered_teacher():
+    t = _tiny()
+    g = torch.Generator().manual_seed(7)
+    emb = torch.randperm(48, generator=g)
+    tiers = {"embed": [emb[:16], emb[16:24], emb[24:]]}
+    for k in range(4):
+        h = torch.randperm(3, generator=g)
+        tiers[("heads", k)] = [h[:1], h[1:2], h[2:]]
+        n = torch.randperm(192, generator=g)
+        tiers[("neurons", k)] = [n[:20], n[20:40], n[40:]]
+    D = 16
+    with torch.no_grad():
+        for name, p in t.named_parameters():
+            for axis, kind in imp.param_axes(name).items():
+                key = "embed" if kind == ("embed",) else (("heads", kind[1]) if kind[0] in ("qkv", "heads") else kind)
+                if key not in tiers:
+                    continue  # classifier rows: every class stays
+                for f, idx in zip(TIER, tiers[key]):
+                    if kind[0] == "qkv":  # rows (3, H, D): the head's D rows in each of q, k and v
+                        idx = torch.cat([s * 48 + h * D + torch.arange(D) for s in range(3) for h in idx.tolist()])
+                    elif kind[0] == "heads":  # proj columns (H, D)
+                        idx = torch.cat([h * D + torch.arange(D) for h in idx.tolist()])
+                    p.index_copy_(axis, idx, p.index_select(axis, idx) * f)
+    expect = []
+    for i in range(2):
+        def top(key, k):
+            return sorted(torch.cat(tiers[key])[:k].tolist())  # tiers in order, then ascending index
+
+        expect.append({
+            "embed": top("embed", KEEP_EMBED[i]),
+            "heads": [top(("heads", k), KEEP_HEADS[i]) for k in range(3)],
+            "neurons": [top(("neurons", k), KEEP_NEURONS[i]) for k in range(3)],
+        })
+    return t, expect
+
+
+def test_inherited_weights_are_exact_slices():
+    """Each sub-model holds exact slices of the teacher at the keep-sets fixed by the construction (magnitude
+    criterion, the default; depth 3 of 4 keeps the first three blocks, the rule for criteria that do not
+    score blocks)."""
+    t, expect = _tiered_teacher()
+    groups = [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+    budgets = [{"embed_dim": e, "depth": 3, "num_heads": h, "mlp_hidden": n}
+               for e, h, n in zip(KEEP_EMBED, KEEP_HEADS, KEEP_NEURONS)]
+    m = decompose(t, 2, budgets=budgets, partition=groups)
+    H, D, d = 3, 16, 48
+    ts = t.state_dict()
     for i, sub in enumerate(m.submodels):
-        keep = choose_units(scores[i], dict(budgets[i], blocks=[{"num_heads": 2, "mlp_hidden": 40}] * 3), tcfg, "auto")
-        e, g = keep["embed"], torch.tensor(m.class_groups[i])
-        assert keep["blocks"] == [0, 1, 2] == m.meta["kept_blocks"][i]
-        assert e.tolist() == m.meta["kept_embed"][i]
-        ts, ss = t.state_dict(), sub.state_dict()
+        ex = expect[i]
+        e, g = torch.tensor(ex["embed"]), torch.tensor(groups[i])
+        ss = sub.state_dict()
+        assert set(k for k in ss if k.startswith("blocks.")) == {
+            k for k in ts if k.startswith(("blocks.0.", "blocks.1.", "blocks.2."))}
         assert torch.equal(ss["patch_embed.proj.weight"], ts["patch_embed.proj.weight"][e])
         assert torch.equal(ss["pos_embed"], ts["pos_embed"][:, :, e])
         assert torch.equal(ss["cls_token"], ts["cls_token"][:, :, e])
+        assert torch.equal(ss["norm.weight"], ts["norm.weight"][e])
         assert torch.equal(ss["norm.bias"], ts["norm.bias"][e])
         assert torch.equal(ss["head.weight"], ts["head.weight"][g][:, e])
         assert torch.equal(ss["head.bias"], ts["head.bias"][g])
         for k in range(3):
-            hk, nk = keep["heads"][k], keep["neurons"][k]
+            hk, nk = torch.tensor(ex["heads"][k]), torch.tensor(ex["neurons"][k])
             p = f"blocks.{k}."
             qkv = ts[p + "attn.qkv.weight"].reshape(3, H, D, d)[:, hk][..., e].reshape(-1, len(e))
             assert torch.equal(ss[p + "attn.qkv.weight"], qkv)
@@ -122,7 +173,21 @@ def test_inherited_weights_are_exact_slices(vit):
             assert torch.equal(ss[p + "mlp.fc1.weight"], ts[p + "mlp.fc1.weight"][nk][:, e])
             assert torch.equal(ss[p + "mlp.fc1.bias"], ts[p + "mlp.fc1.bias"][nk])
             assert torch.equal(ss[p + "mlp.fc2.weight"], ts[p + "mlp.fc2.weight"][e][:, nk])
-            assert torch.equal(ss[p + "norm1.weight"], ts[p + "norm1.weight"][e])
+            assert torch.equal(ss[p + "mlp.fc2.bias"], ts[p + "mlp.fc2.bias"][e])
+            for nm in ("norm1", "norm2"):
+                for w in ("weight", "bias"):
+                    assert torch.equal(ss[p + f"{nm}.{w}"], ts[p + f"{nm}.{w}"][e])
+
+
+def test_tiered_teacher_keep_sets_differ_from_the_untiered_choice(vit):
+    """The construction decides the keep-sets: the plain random teacher keeps other units, so a decompose
+    that ignored the importance scores could not pass the test above."""
+    budgets = [{"embed_dim": 16, "depth": 3, "num_heads": 1, "mlp_hidden": 20}] * 2
+    _, expect = _tiered_teacher()
+    plain = decompose(vit, 2, budgets=budgets, partition=[[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]])
+    w = plain.submodels[1].patch_embed.proj.weight
+    kept = [i for i in range(48) if any(torch.equal(w[j], vit.patch_embed.proj.weight[i]) for j in range(len(w)))]
+    assert kept != expect[1]["embed"]
 
 
 def test_variant_teacher_prunes(vitx, images):
@@ -153,17 +218,33 @@ def test_distilled_tokens_and_fusion_branches(deit, images):
     assert m(images).shape == (3, C)
 
 
-def test_fusion_map_init(vit):
-    m = decompose(vit, 2, budgets=[{"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_hidden": 64}] * 2)
+def _kept_channels(sub, teacher) -> list[int]:
+    """The teacher channels a sub-model holds, read back from its patch-embedding rows (exact matches)."""
+    tw, sw = teacher.patch_embed.proj.weight.detach().flatten(1), sub.patch_embed.proj.weight.detach().flatten(1)
+    out = []
+    for r in sw:
+        hit = [i for i, t in enumerate(tw) if torch.equal(r, t)]
+        assert len(hit) == 1, hit
+        out.append(hit[0])
+    return out
+
+
+def test_fusion_map_init():
+    """Scatter-average map on keep-sets known by construction: sub-model 1's 16 channels are inside
+    sub-model 0's 24, so those 16 get weight 1/2 in both blocks, the other 8 weight 1, the rest 0."""
+    t, expect = _tiered_teacher()
+    budgets = [{"embed_dim": e, "depth": 2, "num_heads": 2, "mlp_hidden": 64} for e in KEEP_EMBED]
+    m = decompose(t, 2, budgets=budgets)
+    e0, e1 = (torch.tensor(ex["embed"]) for ex in expect)
+    assert [_kept_channels(s, t) for s in m.submodels] == [ex["embed"] for ex in expect]
     W, b = m.fusion.map.weight, m.fusion.map.bias
-    e0, e1 = (torch.tensor(e) for e in m.meta["kept_embed"])
-    cover = torch.zeros(48)
-    cover[e0] += 1
-    cover[e1] += 1
-    assert torch.equal(W[e0, torch.arange(32)], 1 / cover[e0])
-    assert torch.equal(W[e1, 32 + torch.arange(32)], 1 / cover[e1])
-    assert int((W != 0).sum()) == 64
-    assert torch.equal(b[cover == 0], vit.norm.bias[cover == 0])
+    both = torch.isin(e0, e1)
+    assert torch.equal(W[e0, torch.arange(24)], torch.where(both, 0.5, 1.0))
+    assert torch.equal(W[e1, 24 + torch.arange(16)], torch.full((16,), 0.5))
+    assert int((W != 0).sum()) == 40
+    cover = torch.zeros(48, dtype=torch.bool)
+    cover[e0] = True
+    assert torch.equal(b[~cover], t.norm.bias[~cover])
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +336,7 @@ def test_explicit_partition(vit):
     assert m.class_groups == groups
     assert m.meta["partition"] == "explicit"
     assert [s.cfg["num_classes"] for s in m.submodels] == [3, 2, 5]
-    assert torch.equal(m.submodels[0].head.weight, vit.head.weight[[9, 0, 3]][:, m.meta["kept_embed"][0]])
+    assert torch.equal(m.submodels[0].head.weight, vit.head.weight[[9, 0, 3]][:, _kept_channels(m.submodels[0], vit)])
 
 
 def test_similarity_partition_groups_alike_classes():

@@ -36,8 +36,12 @@ SUPPORT = ["python_tests/conftest.py", "python_tests/_agreement.py"]
 GROUPS = {
     "wire": (["devit_ext/wire.py"], [],
              ["python_tests/test_wire_layout.py", "python_tests/test_wire_errors.py"], []),
-    "ops": (["devit_ext/ops/reference.py", "devit_ext/ops/quant.py", "devit_ext/ops/_checks.py"], [],
-            ["python_tests/test_quant_ops.py", "python_tests/test_rounding_ties.py"], []),
+    # torch.compile cannot trace mutmut's trampolines (the clean run fails): the compile tests are left out
+    "ops": (["devit_ext/ops/reference.py", "devit_ext/ops/dispatch.py", "devit_ext/ops/quant.py",
+             "devit_ext/checks.py"], [],
+            ["python_tests/test_quant_ops.py", "python_tests/test_rounding_ties.py",
+             "python_tests/test_attention_oracle.py"],
+            ["-k", "not compile"]),
     "dekd": (["devit_ext/dekd/losses.py", "devit_ext/dekd/steps.py", "devit_ext/protocol.py"],
              ["devit_ext.dekd.*", "devit_ext.protocol.x_fused_forward*", "devit_ext.protocol.x_int8_roundtrip*",
               "devit_ext.protocol.x_fake_quant_int8*"],

@@ -56,7 +56,8 @@ BUGS = {
         "importance ranking keeps the least important heads and neurons",
         [("devit_ext/decomposition.py", "order = torch.argsort(-scores.double(), stable=True)",
           "order = torch.argsort(scores.double(), stable=True)")],
-        ["python_tests/test_method_importance.py"],
+        ["python_tests/test_method_importance.py", "python_tests/test_decompose.py::test_inherited_weights_are_exact_slices",
+         "python_tests/test_decompose.py::test_fusion_map_init"],
     ),
     "missing-not-zeroed": (
         "missing= devices not zeroed in the fused forward",

@@ -23,13 +23,15 @@ SUITES = {
     "kernels": ["devit_ext.bench.quant", "devit_ext.bench.triton_ops"],
     "e2e": ["devit_ext.bench.e2e"],
     "train": ["devit_ext.bench.train"],
+    "host": ["devit_ext.bench.host_overhead"],
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", choices=sorted([*SUITES, "static"]),
                    help="kernels: op microbenchmarks; e2e: whole models; train: DEKD training throughput; "
-                        "static: compile for the GPU and read the result")
+                        "static: compile for the GPU and read the result; host: each op's host time up to the launch "
+                        "and the sender side's per block (no GPU needed)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--quick", action="store_true", help="fewer sizes and iterations (smoke run)")
     p.add_argument("--out", default="bench-results", help="folder for the CSV/JSON files")
