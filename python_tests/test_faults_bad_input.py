@@ -43,13 +43,16 @@ F32 = struct.Struct("<f")
         (lambda b: _patched(b, 64, F32.pack(float("inf"))), "scales are negative, NaN, infinite"),
         (lambda b: _patched(b, 68, F32.pack(-1.0)), "scales are negative"),
         (lambda b: _patched(b, 64 + 8 + 3, bytes([0x80])), r"-128, outside the symmetric range"),
-        (lambda b: _patched(b, 56, bytes([1])), "reserved header bytes"),
+        (lambda b: _patched(b, 57, bytes([1])), "reserved header bytes"),
+        (lambda b: _patched(b, 56, bytes([2])), "unknown header flags 0x02"),
+        (lambda b: _patched(b, 56, bytes([1])), "an authenticated message .HMAC tag., but this side holds no key"),
         (lambda b: _patched(b, 63, bytes([0xFF])), "reserved header bytes"),
         (lambda b: _patched(b, 48, struct.pack("<d", float("inf"))), "invalid compute time inf"),
         (lambda b: _patched(b, 48, struct.pack("<d", float("nan"))), "invalid compute time nan"),
         (lambda b: _patched(b, 48, struct.pack("<d", -1.0)), "invalid compute time"),
     ],
-    ids=["scale-3e38", "scale-inf", "scale-negative", "q-128", "reserved-first", "reserved-last", "compute-inf",
+    ids=["scale-3e38", "scale-inf", "scale-negative", "q-128", "reserved-first", "flags-unknown", "tag-without-key",
+         "reserved-last", "compute-inf",
          "compute-nan", "compute-negative"],
 )
 def test_decoder_refuses_values_no_sender_makes(mutate, match):
