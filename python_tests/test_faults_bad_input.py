@@ -174,3 +174,23 @@ def test_worker_checks_the_control_message_against_its_model():
     assert "batch of 0" in batch_ctrl_error(_proto.ctrl(_proto.CTRL_BATCH, 7, (0, 3, 32, 32), 1, 1, 1).tolist(), chw)
     assert "code" in batch_ctrl_error(_proto.ctrl(_proto.CTRL_BATCH, 7, (4, 3, 32, 32), 9, 1, 1).tolist(), chw)
     assert "kind" in batch_ctrl_error(_proto.ctrl(42).tolist(), chw)
+
+
+# ---------------------------------------------------------------- local engine and partition arguments
+@pytest.mark.parametrize("value", ["maybe", 1, None])
+def test_cuda_graphs_must_be_a_bool(value):
+    with pytest.raises(TypeError, match=r"cuda_graphs: expected a bool, got"):
+        devit_ext.collaborate(make_model(), uint8_images(2), cuda_graphs=value)
+
+
+def test_similarity_partition_of_nan_data_refused():
+    from devit_ext import partition
+
+    tokens, labels, head = torch.randn(12, 8), torch.arange(12) % 4, torch.randn(4, 8)
+    assert sorted(len(g) for g in partition.similarity_groups(tokens, labels, head, [2, 2], 0)) == [2, 2]
+    tokens[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"partition='similarity': the teacher's class tokens of the data hold 1 NaN"):
+        partition.similarity_groups(tokens, labels, head, [2, 2], 0)
+    head[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        partition.similarity_groups(torch.randn(12, 8), labels, head, [2, 2], 0)
