@@ -136,5 +136,10 @@ def balanced_kmeans(x: torch.Tensor, sizes: Sequence[int], seed: int, iters: int
 
 def similarity_groups(tokens, labels, head_weight, sizes, seed) -> list[list[int]]:
     """Classes with similar mean teacher class tokens on the same device; group sizes as given."""
+    for what, t in (("the teacher's class tokens of the data", tokens), ("the teacher's head weight", head_weight)):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:  # NaN would make every distance NaN and the groups arbitrary
+            raise ValueError(f"partition='similarity': {what} hold {bad} NaN or infinite value(s) (non-finite data "
+                             "or teacher weights); clean the data, or use partition='random'")
     vec = class_vectors(tokens, labels, head_weight)
     return balanced_kmeans(vec, sizes, seed)

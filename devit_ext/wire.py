@@ -18,11 +18,21 @@ Layout (little-endian), a fixed 64-byte header then the payload::
     40     4     batch size B
     44     4     payload length in bytes
     48     8     compute seconds on the device (float64; informative)
-    56     8     reserved, zero (decode refuses anything else)
+    56     1     flags: bit 0 FLAG_AUTH (tokens: a tag follows the payload;
+                 hello: the worker holds a secret and answers a challenge)
+    57     7     reserved, zero (decode refuses anything else, and other flag bits)
 
     payload, int8:  scales float32 (B, T) then q int8 (B, T, d)  -> B*T*(d + 4) bytes
     payload, fp16:  tokens float16 (B, T, d)                     -> B*T*2d bytes
     payload, fp32:  tokens float32 (B, T, d)                     -> B*T*4d bytes
+    tag (FLAG_AUTH): HMAC-SHA256 under the device's session key of the
+                    header and the payload                       -> 32 bytes
+
+The payload length field excludes the tag. The batch id is the message's
+sequence number: it is under the tag, and the aggregator accepts only the id
+it expects next, so a replayed message is refused like a forged one
+(`seal` adds the tag, `decode(key=...)` checks it first; see devit_ext.auth).
+A message without FLAG_AUTH is byte for byte the format before flags existed.
 
 Scales come first so that the float32 view of the payload is 4-byte aligned
 whatever d is. `decode` validates everything it can (including the values: scales finite and
@@ -39,6 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import auth
 from .protocol import FLOAT_TRANSFER_DTYPES, TRANSFERS as _TRANSFER_NAMES, TokenMessage, message_bytes
 
 MAGIC = b"DVTW"
@@ -53,11 +64,13 @@ _KINDS = {KIND_HELLO: "hello", KIND_TOKENS: "tokens"}
 TRANSFERS = {name: code for code, name in enumerate(_TRANSFER_NAMES, 1)}  # int8 1, fp16 2, fp32 3
 TRANSFER_NAMES = {v: k for k, v in TRANSFERS.items()}
 
-_HEADER = struct.Struct("<4sHBB16sHHIqIId8x")  # 8x: the reserved bytes (packed as zeros)
+_HEADER = struct.Struct("<4sHBB16sHHIqIIdB7x")  # B: flags; 7x: the reserved bytes (packed as zeros)
 assert _HEADER.size == HEADER_SIZE
 
-
-_RESERVED = 8
+FLAGS_OFFSET = 56
+FLAG_AUTH = 1
+TAG_BYTES = auth.TAG_BYTES
+_RESERVED = 7
 # The largest scale a sender can make: max|row| <= the largest fp32, divided by 127. A larger
 # one overflows to Inf when multiplied by q (up to 127) on the aggregator.
 # (the fp32 division, as quantize_int8 does it)
@@ -79,6 +92,7 @@ class Message:
     batch_id: int
     batch_size: int
     compute_s: float
+    flags: int = 0
     q: torch.Tensor | None = None  # int8 (B, T, d)
     scales: torch.Tensor | None = None  # float32 (B, T)
     tokens: torch.Tensor | None = None  # float16/float32 (B, T, d)
@@ -105,22 +119,34 @@ def payload_size(transfer: str, batch_size: int, num_tokens: int, width: int) ->
     return int(batch_size) * message_bytes(width, transfer, num_tokens)
 
 
-def message_size(transfer: str, batch_size: int, num_tokens: int, width: int) -> int:
-    """Total bytes of a tokens message."""
-    return HEADER_SIZE + payload_size(transfer, batch_size, num_tokens, width)
+def message_size(transfer: str, batch_size: int, num_tokens: int, width: int, authenticated: bool = False) -> int:
+    """Total bytes of a tokens message (with its tag when authenticated)."""
+    return HEADER_SIZE + payload_size(transfer, batch_size, num_tokens, width) + (TAG_BYTES if authenticated else 0)
 
 
-def _header(kind, transfer_code, model_hash, device, num_tokens, width, batch_id, batch_size, payload_len, compute_s) -> torch.Tensor:
+def _header(kind, transfer_code, model_hash, device, num_tokens, width, batch_id, batch_size, payload_len, compute_s,
+            flags=0) -> torch.Tensor:
     raw = _HEADER.pack(
         MAGIC, VERSION, kind, transfer_code, hash_bytes(model_hash), device, num_tokens, width,
-        batch_id, batch_size, payload_len, float(compute_s),
+        batch_id, batch_size, payload_len, float(compute_s), flags,
     )
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
-def encode_hello(model_hash: str | bytes, device: int, num_tokens: int, width: int) -> torch.Tensor:
-    """The fixed-size first message of a worker: which model it runs and what it will send."""
-    return _header(KIND_HELLO, 0, model_hash, device, num_tokens, width, 0, 0, 0, 0.0)
+def encode_hello(model_hash: str | bytes, device: int, num_tokens: int, width: int, holds_secret: bool = False) -> torch.Tensor:
+    """The fixed-size first message of a worker: which model it runs, what it will send, and
+    (FLAG_AUTH) whether it holds a secret and waits for the aggregator's challenge."""
+    return _header(KIND_HELLO, 0, model_hash, device, num_tokens, width, 0, 0, 0, 0.0, FLAG_AUTH if holds_secret else 0)
+
+
+def seal(message: torch.Tensor, key: bytes) -> torch.Tensor:
+    """A tokens message -> the same with FLAG_AUTH set and its HMAC-SHA256 tag under `key` appended."""
+    raw = bytearray(message.detach().cpu().contiguous().numpy().tobytes())
+    if len(raw) < HEADER_SIZE or raw[6] != KIND_TOKENS or raw[FLAGS_OFFSET] != 0:
+        raise ValueError("seal: expected an untagged tokens message (wire.encode)")
+    raw[FLAGS_OFFSET] = FLAG_AUTH
+    raw += auth.tag(key, bytes(raw))
+    return torch.frombuffer(raw, dtype=torch.uint8)
 
 
 def encode(
@@ -187,11 +213,14 @@ def decode(
     width: int | None = None,
     transfer: str | None = None,
     kind: int | None = None,
+    key: bytes | None = None,
 ) -> Message:
     """uint8 tensor -> Message, checking every field against what the caller expects.
 
-    Every keyword left as None is not checked. Token tensors are views into
-    `buf` (no copy).
+    Every keyword left as None is not checked. key: the device's session key:
+    a tokens message must then carry FLAG_AUTH and a matching tag (checked
+    before any other field is believed); without a key a tagged tokens message
+    is refused. Token tensors are views into `buf` (no copy).
     """
     src = f"device {device}" if device is not None else "an unknown device"
     if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.dim() != 1:
@@ -202,7 +231,7 @@ def decode(
     if n < HEADER_SIZE:
         _fail(src, f"truncated: {n} bytes, shorter than the {HEADER_SIZE}-byte header")
     raw = buf[:HEADER_SIZE].numpy().tobytes()
-    (magic, version, k, tcode, mhash, dev, T, d, bid, B, plen, compute_s) = _HEADER.unpack(raw)
+    (magic, version, k, tcode, mhash, dev, T, d, bid, B, plen, compute_s, flags) = _HEADER.unpack(raw)
     reserved = raw[HEADER_SIZE - _RESERVED :]
     if magic != MAGIC:
         _fail(src, f"bad magic {magic!r} (expected {MAGIC!r}): not a devit message, or a corrupt one")
@@ -211,9 +240,22 @@ def decode(
     if version != VERSION:
         _fail(src, f"format version {version}, this side speaks version {VERSION}: update devit_ext on both sides")
     if reserved != bytes(_RESERVED):
-        _fail(src, f"reserved header bytes 56..63 are {reserved.hex()}, expected zeros (a corrupt or foreign message)")
+        _fail(src, f"reserved header bytes 57..63 are {reserved.hex()}, expected zeros (a corrupt or foreign message)")
+    if flags & ~FLAG_AUTH:
+        _fail(src, f"unknown header flags {flags:#04x} (only bit 0, authenticated, exists)")
     if k not in _KINDS:
         _fail(src, f"unknown message kind {k}")
+    tagged = k == KIND_TOKENS and bool(flags & FLAG_AUTH)
+    if k == KIND_TOKENS and key is not None:
+        if not tagged:
+            _fail(src, "unauthenticated message (no HMAC tag) in an authenticated group: refused")
+        if n < HEADER_SIZE + TAG_BYTES or not auth.verify(key, buf[n - TAG_BYTES :].numpy().tobytes(),
+                                                           buf[: n - TAG_BYTES].numpy().tobytes()):
+            _fail(src, "authentication failed: the HMAC tag does not match the header and payload "
+                       "(a forged or altered message, or one from another session)")
+        n -= TAG_BYTES
+    elif tagged:
+        _fail(src, "an authenticated message (HMAC tag), but this side holds no key for it")
     if kind is not None and k != kind:
         _fail(src, f"expected a {_KINDS[kind]} message, got a {_KINDS[k]} message")
     if device is not None and dev != device:
@@ -233,14 +275,14 @@ def decode(
     if k == KIND_HELLO:
         if n != HEADER_SIZE or plen != 0:
             _fail(src, f"a hello message has no payload, got {n - HEADER_SIZE} bytes (header says {plen})")
-        return Message(k, None, mhash, dev, T, d, bid, B, compute_s)
+        return Message(k, None, mhash, dev, T, d, bid, B, compute_s, flags)
     if tcode not in TRANSFER_NAMES:
         _fail(src, f"unknown transfer code {tcode}")
     tname = TRANSFER_NAMES[tcode]
     if transfer is not None and tname != transfer:
         _fail(src, f"transfer {tname}, expected {transfer}")
     if batch_id is not None and bid != batch_id:
-        _fail(src, f"batch id {bid}, expected {batch_id} (out of order or stale)")
+        _fail(src, f"batch id {bid}, expected {batch_id} (replayed, out of order or stale)")
     if batch_size is not None and B != batch_size:
         _fail(src, f"batch size {B}, expected {batch_size}")
     if d <= 0 or B <= 0:
@@ -253,8 +295,8 @@ def decode(
         _fail(src, f"{what}: {n} bytes, expected {HEADER_SIZE + want} (B={B}, T={T}, d={d}, {tname})")
     if not (math.isfinite(compute_s) and compute_s >= 0):
         _fail(src, f"invalid compute time {compute_s} (expected a finite number of seconds >= 0)")
-    body = buf[HEADER_SIZE:]
-    msg = Message(k, tname, mhash, dev, T, d, bid, B, compute_s)
+    body = buf[HEADER_SIZE:n]
+    msg = Message(k, tname, mhash, dev, T, d, bid, B, compute_s, flags)
     if tname == "int8":
         s = body[: 4 * B * T].view(torch.float32).view(B, T)
         # one comparison catches NaN too (NaN is not within the range)

@@ -43,13 +43,16 @@ F32 = struct.Struct("<f")
         (lambda b: _patched(b, 64, F32.pack(float("inf"))), "scales are negative, NaN, infinite"),
         (lambda b: _patched(b, 68, F32.pack(-1.0)), "scales are negative"),
         (lambda b: _patched(b, 64 + 8 + 3, bytes([0x80])), r"-128, outside the symmetric range"),
-        (lambda b: _patched(b, 56, bytes([1])), "reserved header bytes"),
+        (lambda b: _patched(b, 57, bytes([1])), "reserved header bytes"),
+        (lambda b: _patched(b, 56, bytes([2])), "unknown header flags 0x02"),
+        (lambda b: _patched(b, 56, bytes([1])), "an authenticated message .HMAC tag., but this side holds no key"),
         (lambda b: _patched(b, 63, bytes([0xFF])), "reserved header bytes"),
         (lambda b: _patched(b, 48, struct.pack("<d", float("inf"))), "invalid compute time inf"),
         (lambda b: _patched(b, 48, struct.pack("<d", float("nan"))), "invalid compute time nan"),
         (lambda b: _patched(b, 48, struct.pack("<d", -1.0)), "invalid compute time"),
     ],
-    ids=["scale-3e38", "scale-inf", "scale-negative", "q-128", "reserved-first", "reserved-last", "compute-inf",
+    ids=["scale-3e38", "scale-inf", "scale-negative", "q-128", "reserved-first", "flags-unknown", "tag-without-key",
+         "reserved-last", "compute-inf",
          "compute-nan", "compute-negative"],
 )
 def test_decoder_refuses_values_no_sender_makes(mutate, match):
@@ -171,3 +174,23 @@ def test_worker_checks_the_control_message_against_its_model():
     assert "batch of 0" in batch_ctrl_error(_proto.ctrl(_proto.CTRL_BATCH, 7, (0, 3, 32, 32), 1, 1, 1).tolist(), chw)
     assert "code" in batch_ctrl_error(_proto.ctrl(_proto.CTRL_BATCH, 7, (4, 3, 32, 32), 9, 1, 1).tolist(), chw)
     assert "kind" in batch_ctrl_error(_proto.ctrl(42).tolist(), chw)
+
+
+# ---------------------------------------------------------------- local engine and partition arguments
+@pytest.mark.parametrize("value", ["maybe", 1, None])
+def test_cuda_graphs_must_be_a_bool(value):
+    with pytest.raises(TypeError, match=r"cuda_graphs: expected a bool, got"):
+        devit_ext.collaborate(make_model(), uint8_images(2), cuda_graphs=value)
+
+
+def test_similarity_partition_of_nan_data_refused():
+    from devit_ext import partition
+
+    tokens, labels, head = torch.randn(12, 8), torch.arange(12) % 4, torch.randn(4, 8)
+    assert sorted(len(g) for g in partition.similarity_groups(tokens, labels, head, [2, 2], 0)) == [2, 2]
+    tokens[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"partition='similarity': the teacher's class tokens of the data hold 1 NaN"):
+        partition.similarity_groups(tokens, labels, head, [2, 2], 0)
+    head[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        partition.similarity_groups(torch.randn(12, 8), labels, head, [2, 2], 0)

@@ -22,7 +22,7 @@ LAYERS = [
     ("ground: build, checks, shapes", ["devit_ext._version", "devit_ext._build", "devit_ext.checks", "devit_ext.shapes"]),
     ("ground: kernels", ["devit_ext.kernels"]),
     ("ground: ops", ["devit_ext.ops"]),
-    ("ground: protocol", ["devit_ext.protocol", "devit_ext.wire"]),
+    ("ground: protocol", ["devit_ext.protocol", "devit_ext.wire", "devit_ext.auth"]),
     ("model", ["devit_ext.model", "devit_ext.model_files"]),
     ("methods", ["devit_ext.budgets", "devit_ext.decomposition", "devit_ext.importance", "devit_ext.partition", "devit_ext.data",
                  "devit_ext.checkpoint", "devit_ext.teacher", "devit_ext.dekd",

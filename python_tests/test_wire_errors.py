@@ -62,7 +62,7 @@ def test_a_hand_built_message_decodes():
     (header(kind=0, plen=5), {}, r"from device 2: a hello message has no payload, got 0 bytes \(header says 5\)"),
     (header(tcode=9, plen=0), {}, r"from device 2: unknown transfer code 9"),
     (good(), {"transfer": "fp16"}, r"from device 2: transfer int8, expected fp16"),
-    (good(), {"batch_id": 8}, r"from device 2: batch id 7, expected 8 \(out of order or stale\)"),
+    (good(), {"batch_id": 8}, r"from device 2: batch id 7, expected 8 \(replayed, out of order or stale\)"),
     (good(), {"batch_size": 3}, r"from device 2: batch size 2, expected 3"),
     (header(d=0, plen=0), {}, r"from device 2: empty shape \(B=2, T=1, d=0\)"),
     (header(B=0, plen=0), {}, r"from device 2: empty shape \(B=0, T=1, d=3\)"),

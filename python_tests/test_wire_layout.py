@@ -6,6 +6,8 @@ The round-trip tests elsewhere cannot see two header fields swapped in both
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 
 import pytest
@@ -21,7 +23,7 @@ def le(n: int, size: int) -> bytes:
     return int(n).to_bytes(size, "little")
 
 
-def golden_header(kind, tcode, device, T, d, batch_id, B, plen, compute_s) -> bytes:
+def golden_header(kind, tcode, device, T, d, batch_id, B, plen, compute_s, flags=0) -> bytes:
     """The 64-byte header, field by field at the documented offsets."""
     h = bytearray(64)
     h[0:4] = b"DVTW"
@@ -36,7 +38,8 @@ def golden_header(kind, tcode, device, T, d, batch_id, B, plen, compute_s) -> by
     h[40:44] = le(B, 4)
     h[44:48] = le(plen, 4)
     h[48:56] = struct.pack("<d", compute_s)
-    # 56..64 reserved, zero
+    h[56] = flags  # bit 0: authenticated
+    # 57..64 reserved, zero
     return bytes(h)
 
 
@@ -77,6 +80,25 @@ def test_float_message_golden_bytes(dtype, tcode, fmt):
     assert got == golden_header(1, tcode, 1, 2, 2, 7, 1, plen, 0.0) + struct.pack(fmt, *vals)
 
 
+def test_hello_of_a_worker_with_a_secret_golden_bytes():
+    got = as_bytes(wire.encode_hello(HASH_HEX, device=1, num_tokens=1, width=8, holds_secret=True))
+    assert got == golden_header(0, 0, 1, 1, 8, 0, 0, 0, 0.0, flags=1)
+    assert wire.decode(torch.frombuffer(bytearray(got), dtype=torch.uint8), kind=wire.KIND_HELLO).flags == 1
+
+
+def test_sealed_message_golden_bytes():
+    """seal: flag bit 0 at byte 56, then HMAC-SHA256(key, header + payload) appended (32 bytes)."""
+    key = bytes(range(32))
+    q = torch.tensor([[[1, -2, 127]]], dtype=torch.int8)
+    s = torch.tensor([[0.5]], dtype=torch.float32)
+    got = as_bytes(wire.seal(wire.encode(HASH_HEX, 2, 9, q=q, scales=s, compute_s=0.0), key))
+    body = golden_header(1, 1, 2, 1, 3, 9, 1, 7, 0.0, flags=1) + struct.pack("<f", 0.5) + bytes([1, 0xFE, 127])
+    assert got == body + hmac.new(key, body, hashlib.sha256).digest()
+    assert len(got) == wire.message_size("int8", 1, 1, 3, authenticated=True) == 64 + 7 + 32
+    m = wire.decode(torch.frombuffer(bytearray(got), dtype=torch.uint8), key=key, device=2, batch_id=9)
+    assert m.q.tolist() == [[[1, -2, 127]]] and m.flags == 1
+
+
 def test_decode_reads_fields_at_their_offsets():
     """A hand-built message decodes into the fields the table says (decode is checked on its own)."""
     B, T, d = 1, 2, 2
@@ -97,5 +119,5 @@ def test_reserved_bytes_and_constants():
     assert wire.TRANSFERS == {"int8": 1, "fp16": 2, "fp32": 3}
     assert (wire.KIND_HELLO, wire.KIND_TOKENS) == (0, 1)
     got = as_bytes(wire.encode(HASH_HEX, 65535, 2**63 - 1, tokens=torch.ones(1, 1, dtype=torch.float32), compute_s=2.0))
-    assert got[56:64] == bytes(8)
+    assert got[56:64] == bytes(8)  # flags 0 (unauthenticated) and the reserved bytes
     assert got[24:26] == b"\xff\xff" and got[32:40] == b"\xff" * 7 + b"\x7f"

@@ -20,7 +20,7 @@ import torch
 from .timing import Table, machine_info
 
 SUITES = {
-    "kernels": ["devit_ext.bench.quant", "devit_ext.bench.triton_ops"],
+    "kernels": ["devit_ext.bench.quant", "devit_ext.bench.triton_ops", "devit_ext.bench.auth"],
     "e2e": ["devit_ext.bench.e2e"],
     "train": ["devit_ext.bench.train"],
     "host": ["devit_ext.bench.host_overhead"],

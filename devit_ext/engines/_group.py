@@ -1,9 +1,12 @@
 """A process group of the distributed engine and its workers (internal).
 
 `WorkerGroup.open` hosts the rendezvous (a `TCPStore` under a `PrefixStore`),
-spawns local workers when asked, waits until every rank has joined, connects
-the group (`_proto.make_group`) and checks every worker's hello (its model's
-content hash, token count and width); `close` tells the workers to exit and
+spawns local workers when asked (the secret in their environment, not on
+their command line), waits until every rank has joined (refusing a rank
+claimed twice), connects the group (`_proto.make_group`), checks every
+worker's hello (its model's content hash, token count and width) and, with a
+secret, runs the challenge-response that gives each device its session key
+(`_authenticate`, devit_ext.auth); `close` tells the workers to exit and
 tears everything down; `describe_fault` turns a lost device into a sentence
 with its exit code and log. The aggregation loop is `distributed._run_batches`.
 """
@@ -19,7 +22,7 @@ import time
 
 import torch
 
-from .. import wire
+from .. import auth, wire
 from . import _proto, _waiters
 
 
@@ -40,14 +43,17 @@ class DeviceError(DevicesError):
 
 
 class WorkerRefused(DevicesError):
-    """A worker runs another model than the aggregator (content hash mismatch)."""
+    """A worker refused in its hello: another model (content hash mismatch), or no / another secret."""
 
 
 class WorkerGroup:
     """One process group: its rendezvous, the workers' hellos, its spawned workers, its teardown."""
 
-    def __init__(self, key: str, init_method: str | None, world: int, backend: str, spawned: bool):
+    def __init__(self, key: str, init_method: str | None, world: int, backend: str, spawned: bool,
+                 secret: bytes | None = None):
         self.key, self.init_method, self.world, self.backend, self.spawned = key, init_method, world, backend, spawned
+        self.secret = secret  # shared with the workers (spawned: generated for this group when not given)
+        self.keys: dict[int, bytes] = {}  # device -> session key (authenticated groups)
         self.num_devices = world - 1
         self.store = self.pstore = self.pg = None
         self.procs: list[subprocess.Popen] = []
@@ -101,6 +107,9 @@ class WorkerGroup:
                 f"({type(e).__name__}: {str(e).splitlines()[0]}){self._logs()}"
             ) from None
         self._hellos(mhash, timeout)
+        if self.pstore.check(["duplicates"]):  # a second worker for a rank that came after the first had joined
+            self.refuse([])
+            self._refuse_duplicates()
         self.rendezvous_s = time.perf_counter() - t0
 
     def _spawn(self, model, mhash: str, threads: int | None, worker_device: str, timeout: float):
@@ -112,6 +121,8 @@ class WorkerGroup:
             threads = max(1, (os.cpu_count() or 1) // self.num_devices)
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(threads))
+        # the environment (readable by this user only), never the command line (`ps` shows it to all)
+        env[auth.ENV] = os.fsdecode(self.secret)
         for r in range(1, self.world):
             cmd = [
                 sys.executable, "-m", "devit_ext.engines.worker", "--rank", str(r), "--world-size", str(self.world),
@@ -132,8 +143,12 @@ class WorkerGroup:
         deadline = time.monotonic() + rdv_timeout
         missing = list(range(1, self.world))
         while True:
+            if self.pstore.check(["duplicates"]):
+                self._refuse_duplicates()
             missing = [r for r in missing if not self.pstore.check([f"joined/{r}"])]
             if not missing:
+                if self.pstore.check(["duplicates"]):
+                    self._refuse_duplicates()
                 return
             if self.spawned:
                 gone = [(r, p.poll()) for r, p in enumerate(self.procs, 1) if p.poll() is not None]
@@ -150,6 +165,15 @@ class WorkerGroup:
                     + self._logs()
                 )
             time.sleep(0.02)
+
+    def _refuse_duplicates(self):
+        dup = [r for r in range(1, self.world) if self.pstore.check([f"duplicate/{r}"])]
+        what = ", ".join(
+            f"rank {r} (device {r - 1}) by pids {self.pstore.get(f'joined/{r}').decode()} and "
+            f"{self.pstore.get(f'duplicate/{r}').decode()}" for r in dup)
+        raise DistributedError(
+            f"distributed: the rendezvous at {self.init_method_used} was refused: {what or 'a rank'} claimed twice; "
+            f"start one worker per rank (--rank 1..{self.world - 1}) and call again" + self._logs())
 
     def _hellos(self, mhash: str, timeout: float):
         self.waiters = [_waiters.Waiter(i) for i in range(self.num_devices)]
@@ -184,11 +208,64 @@ class WorkerGroup:
                     f"device {i} (rank {i + 1}): it runs another model (content hash {hellos[i].model_hash.hex()}, "
                     f"the aggregator's model has {wire.hash_bytes(mhash).hex()})" for i in bad
                 ) + "; start every worker with the same saved model (DeViT.save) as the aggregator's", bad)
+        holds = {i: bool(h.flags & wire.FLAG_AUTH) for i, h in hellos.items()}
+        refused = {i: _proto.REFUSE_NO_SECRET if self.secret is not None else _proto.REFUSE_UNEXPECTED_SECRET
+                   for i in range(self.num_devices) if holds[i] != (self.secret is not None)}
+        if refused:
+            self._refuse_auth(refused)
+        if self.secret is not None:
+            self._authenticate(wire.hash_bytes(mhash), time.monotonic() + timeout, timeout)
         self.hash = mhash
 
-    def refuse(self, bad: list[int]):
-        """Tell refused workers why (they exit with code 3), the others to shut down."""
-        self._tell({i: _proto.CTRL_REFUSE if i in bad else _proto.CTRL_SHUTDOWN for i in range(self.num_devices)})
+    def _authenticate(self, hash16: bytes, deadline: float, timeout: float):
+        """Challenge-response with every worker (devit_ext.auth): its proof first, then ours."""
+        nonces, answers, slots, errors = {}, {}, {}, {}
+        for i in range(self.num_devices):
+            nonces[i] = auth.new_nonce()
+            c = _proto.ctrl_auth(_proto.CTRL_AUTH, nonces[i]).to(self.comm)
+            answers[i] = torch.zeros(_proto.AUTH_ANSWER_BYTES, dtype=torch.uint8, device=self.comm)
+            self.abandoned.append((c, answers[i], self.pg.send([c], i + 1, _proto.TAG_CTRL)))
+            slots[i] = self.waiters[i].submit(self.pg.recv([answers[i]], i + 1, _proto.TAG_AUTH))
+        wrong = {}
+        for i in range(self.num_devices):
+            try:
+                _waiters.await_slot(slots[i], deadline)
+            except _waiters.Timeout:
+                errors[i] = f"no answer to the challenge within {timeout:g} s"
+                continue
+            except RuntimeError as e:
+                errors[i] = _short(e)
+                continue
+            raw = answers[i].cpu().numpy().tobytes()
+            nonce_w, proof = raw[: auth.NONCE_BYTES], raw[auth.NONCE_BYTES :]
+            if not auth.verify(self.secret, proof, *auth.worker_context(nonces[i], nonce_w, hash16, i + 1)):
+                wrong[i] = _proto.REFUSE_WRONG_SECRET
+                continue
+            ok = auth.aggregator_proof(self.secret, nonces[i], nonce_w, hash16, i + 1)
+            c = _proto.ctrl_auth(_proto.CTRL_AUTH_OK, ok).to(self.comm)
+            self.abandoned.append((c, self.pg.send([c], i + 1, _proto.TAG_CTRL)))
+            self.keys[i] = auth.session_key(self.secret, nonces[i], nonce_w, hash16, i + 1)
+        if errors:
+            self.refuse([])
+            raise DeviceError(
+                "distributed: authentication failed for " + "; ".join(
+                    f"device {i} (rank {i + 1}): {m}" for i, m in errors.items()) + self._logs(), sorted(errors))
+        if wrong:
+            self._refuse_auth(wrong)
+
+    def _refuse_auth(self, reasons: dict[int, int]):
+        self.refuse(reasons)
+        raise WorkerRefused(
+            "distributed: refused " + "; ".join(
+                f"device {i} (rank {i + 1}): {_proto.REFUSE_TEXT[r].replace('it holds', 'the worker holds')}"
+                for i, r in reasons.items()) + self._logs(), sorted(reasons))
+
+    def refuse(self, bad):
+        """Tell refused workers why (they exit with code 3), the others to shut down.
+        bad: device indices (another model), or {device: _proto.REFUSE_* reason}."""
+        reasons = bad if isinstance(bad, dict) else {i: _proto.REFUSE_MODEL for i in bad}
+        self._tell({i: (_proto.CTRL_REFUSE, reasons[i]) if i in reasons else _proto.CTRL_SHUTDOWN
+                    for i in range(self.num_devices)})
         self.told = True
 
     def _tell(self, kinds: dict[int, int], wait_s: float = 2.0):
@@ -201,8 +278,10 @@ class WorkerGroup:
                 # lost devices get the message too: a worker that was only slow then exits cleanly
                 self._tell({i: _proto.CTRL_SHUTDOWN for i in range(self.num_devices)})
             elif not self.spawned:
-                # after a fault: external workers still alive are told to exit (spawned ones are killed)
-                self._tell({i: _proto.CTRL_SHUTDOWN for i in range(self.num_devices) if i not in self.dead}, 1.0)
+                # after a fault external workers are told to exit (spawned ones are killed), the faulty ones
+                # too: a slow one exits once it has caught up, one that sent a refused message at once, instead
+                # of waiting for a next batch while a caller holding the error keeps this group's connections
+                self._tell({i: _proto.CTRL_SHUTDOWN for i in range(self.num_devices)}, 1.0)
         for w in self.waiters:
             w.stop()
         if self.procs:

@@ -11,20 +11,43 @@ Aggregator -> worker, per micro-batch: a control tensor (int64, CTRL_LEN) on
 TAG_CTRL, then the images on TAG_IMAGES. Worker -> aggregator: a hello
 (`wire.encode_hello`) once after the rendezvous, then one `wire` message per
 batch on TAG_TOKENS.
+
+With a secret (devit_ext.auth, docs/security.md), between the hello and the
+first batch: the aggregator sends CTRL_AUTH (its nonce), the worker answers on
+TAG_AUTH (its nonce and proof), the aggregator sends CTRL_AUTH_OK (its proof);
+batch control messages then carry a 16-byte tag in their last two slots.
+
+Sockets listen only where the init_method says: the store on the host's own
+address (`host_store` binds the socket itself; TCPStore alone listens on every
+interface), Gloo on the address that reaches the host (loopback for loopback).
 """
 from __future__ import annotations
 
 import datetime
 import os
+import socket
+import struct
 import urllib.parse
 
 import torch
 
+from .. import auth
+
 CTRL_MAGIC = 0x44655669543031  # "DeViT01"
 CTRL_LEN = 12
-CTRL_BATCH, CTRL_SHUTDOWN, CTRL_REFUSE = 1, 2, 3
+CTRL_BATCH, CTRL_SHUTDOWN, CTRL_REFUSE, CTRL_AUTH, CTRL_AUTH_OK = 1, 2, 3, 4, 5
+# why a worker is refused (slot 2 of CTRL_REFUSE), and what it is told
+REFUSE_MODEL, REFUSE_NO_SECRET, REFUSE_WRONG_SECRET, REFUSE_UNEXPECTED_SECRET = 1, 2, 3, 4
+REFUSE_TEXT = {
+    REFUSE_MODEL: "its model is not the aggregator's; start it with the same saved model",
+    REFUSE_NO_SECRET: "it holds no secret and the aggregator requires one: pass --secret-file PATH or set DEVIT_SECRET",
+    REFUSE_WRONG_SECRET: "its secret is not the aggregator's (the challenge failed)",
+    REFUSE_UNEXPECTED_SECRET: "it holds a secret but the aggregator runs without one: give the aggregator the same "
+                              "secret (secret=... or DEVIT_SECRET)",
+}
+AUTH_ANSWER_BYTES = 2 * auth.NONCE_BYTES  # the worker's nonce and proof
 
-TAG_CTRL, TAG_IMAGES, TAG_TOKENS, TAG_HELLO = 11, 12, 13, 14
+TAG_CTRL, TAG_IMAGES, TAG_TOKENS, TAG_HELLO, TAG_AUTH = 11, 12, 13, 14, 15
 
 IMAGE_DTYPES = {1: torch.uint8, 2: torch.float32, 3: torch.float16, 4: torch.bfloat16}
 IMAGE_CODES = {v: k for k, v in IMAGE_DTYPES.items()}
@@ -47,6 +70,36 @@ def ctrl(kind: int, batch_id: int = 0, shape=(0, 0, 0, 0), image_code: int = 0, 
     return torch.tensor(
         [CTRL_MAGIC, kind, batch_id, b, c, h, w, image_code, transfer_code, compute_code, 0, 0], dtype=torch.int64
     )
+
+
+def ctrl_bytes(c: torch.Tensor) -> torch.Tensor:
+    """A control message: (CTRL_LEN,) int64 <-> its 96 bytes (little-endian, as the tensor lies in memory)."""
+    return c.contiguous().view(torch.uint8)
+
+
+def ctrl_auth(kind: int, value: bytes) -> torch.Tensor:
+    """CTRL_AUTH (a nonce) / CTRL_AUTH_OK (a proof): 32 bytes in slots 2..5."""
+    c = ctrl(kind)
+    c[2:6] = torch.tensor(struct.unpack("<4q", value), dtype=torch.int64)
+    return c
+
+
+def ctrl_value(c: list[int]) -> bytes:
+    return struct.pack("<4q", *c[2:6])
+
+
+def sign_batch_ctrl(c: torch.Tensor, key: bytes, image_digest: bytes) -> torch.Tensor:
+    """A copy of a batch control message with its tag (fields 0..9 and the images' sha256) in slots 10, 11."""
+    c = c.clone()
+    t = auth.ctrl_tag(key, struct.pack("<10q", *c[:10].tolist()), image_digest)
+    c[10:12] = torch.tensor(struct.unpack("<2q", t), dtype=torch.int64)
+    return c
+
+
+def batch_ctrl_ok(c: list[int], key: bytes, image_digest: bytes) -> bool:
+    """Whether a received batch control message's tag matches its fields and the images received."""
+    return auth.verify(key, struct.pack("<2q", *c[10:12]), auth.CTRL_LABEL, struct.pack("<10q", *c[:10]),
+                       image_digest)
 
 
 def parse_init_method(init_method: str) -> tuple[str, int, bool]:
@@ -79,10 +132,70 @@ def make_store(host: str, port: int, world_size: int, is_master: bool, timeout: 
 def host_store(host: str, port: int, world_size: int, timeout: float):
     """The rendezvous server alone. The process group and its pending receives hold only a client
     store, so dropping this one object closes the listening port at once, even while a receive from
-    a hung worker still holds the group (and its client) in a waiter thread."""
+    a hung worker still holds the group (and its client) in a waiter thread.
+
+    It listens only on `host`'s address: the socket is bound here and handed to the TCPStore (which
+    owns and closes it), since a TCPStore given only a port listens on every interface."""
     import torch.distributed as dist
 
-    return dist.TCPStore(host, port, world_size, is_master=True, timeout=td(timeout), wait_for_workers=False)
+    sock = listen_socket(host, port)
+    port = sock.getsockname()[1]
+    fd = sock.detach()
+    try:
+        return dist.TCPStore(host, port, world_size, is_master=True, timeout=td(timeout), wait_for_workers=False,
+                             master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def bind_address(host: str) -> tuple[int, tuple]:
+    """(address family, sockaddr with port 0) that the store for `host` listens on: loopback names
+    -> 127.0.0.1, anything else -> the first address it resolves to (which must be this machine's)."""
+    if host == "localhost" or auth.is_loopback(host) and ":" not in host:
+        return socket.AF_INET, ("127.0.0.1", 0)
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    infos.sort(key=lambda ai: ai[0] != socket.AF_INET)  # IPv4 first, as the TCPStore client tries it
+    fam, _, _, _, addr = infos[0]
+    return fam, (addr[0], 0, *addr[2:])
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    fam, addr = bind_address(host)
+    sock = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        # a restarted group can take the same port while old connections are in TIME_WAIT
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr[0], port, *addr[2:]))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def local_address(host: str) -> str:
+    """This machine's address on the route to `host` (no packet is sent): where Gloo should listen."""
+    if host == "localhost" or auth.is_loopback(host):
+        return "127.0.0.1" if ":" not in host else "::1"
+    fam, addr = bind_address(host)
+    with socket.socket(fam, socket.SOCK_DGRAM) as u:
+        u.connect((addr[0], 9, *addr[2:]))
+        return u.getsockname()[0]
+
+
+def claim_rank(store, rank: int) -> str | None:
+    """Take `rank` in the rendezvous (atomically: the store's counter); None when taken, else the pid of
+    the worker that already holds it (this one is a duplicate, and says so in the store)."""
+    if store.add(f"claims/{rank}", 1) == 1:
+        store.set(f"joined/{rank}", str(os.getpid()))
+        return None
+    store.set(f"duplicate/{rank}", str(os.getpid()))
+    store.add("duplicates", 1)
+    try:
+        return store.get(f"joined/{rank}").decode()
+    except Exception:  # noqa: BLE001 - the holder has not written its pid yet
+        return "unknown"
 
 
 def make_group(store, rank: int, world_size: int, timeout: float, backend: str = "gloo", host: str = "127.0.0.1"):
@@ -92,10 +205,11 @@ def make_group(store, rank: int, world_size: int, timeout: float, backend: str =
     if backend == "gloo":
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = td(timeout)
-        if host in ("127.0.0.1", "localhost"):
-            dev = dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")  # loopback stays loopback
+        if os.environ.get("GLOO_SOCKET_IFNAME"):
+            dev = dist.ProcessGroupGloo.create_default_device()  # the interface the user named
         else:
-            dev = dist.ProcessGroupGloo.create_default_device()  # honours GLOO_SOCKET_IFNAME
+            # loopback stays loopback; otherwise only the address on the route to the aggregator
+            dev = dist.ProcessGroupGloo.create_device(hostname=local_address(host))
         opts._devices = [dev]
         pg = dist.ProcessGroupGloo(store, rank, world_size, opts)
     elif backend == "nccl":

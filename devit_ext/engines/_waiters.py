@@ -6,9 +6,13 @@ of the group, so one slow device would take the healthy ones down with it, and
 waits on it. Instead one `Waiter` thread per device waits on that device's
 receives in order, and the aggregator waits on the thread's event with its own
 deadline (`await_slot`), so a device that misses it can be given up on alone.
+
+`Watchdog` is the worker's side: the one bound on its waits that holds whatever
+Gloo or the store do.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -65,15 +69,17 @@ def await_slot(slot: Slot, deadline: float):
         raise slot.error
 
 
-def tell(pg, comm, kinds: dict[int, int], wait_s: float = 2.0) -> list:
+def tell(pg, comm, kinds: dict, wait_s: float = 2.0) -> list:
     """Send a control message to devices and wait (bounded) until they have it.
+
+    kinds: device -> a control kind, or (kind, argument) (a refusal's reason).
 
     Returns the sent tensors: Gloo may still read them, so the caller keeps them alive.
     """
     sent = []
     for i, kind in kinds.items():
         try:
-            t = _proto.ctrl(kind).to(comm)
+            t = (_proto.ctrl(*kind) if isinstance(kind, tuple) else _proto.ctrl(kind)).to(comm)
             w = pg.send([t], i + 1, _proto.TAG_CTRL)
             sent.append((t, w))
         except RuntimeError:
@@ -90,3 +96,51 @@ def tell(pg, comm, kinds: dict[int, int], wait_s: float = 2.0) -> list:
         except (Timeout, RuntimeError):
             pass
     return [t for t, _ in sent]
+
+
+class Watchdog:
+    """A worker's bound on its waits: ends the process (os._exit) when an armed wait runs past its
+    bound + GRACE_S. Gloo's and the store's own timeouts took 2-3x theirs, or hung in connect.
+    `arm(seconds, what)` ... `disarm()`; `say` reports which wait it was."""
+
+    GRACE_S = 1.0
+
+    def __init__(self, say, exit_code: int):
+        self.say, self.code = say, exit_code
+        self.cv = threading.Condition()
+        self.deadline = None
+        self.what = ""
+        threading.Thread(target=self._loop, name="devit-worker-watchdog", daemon=True).start()
+
+    def arm(self, seconds: float, what: str):
+        with self.cv:
+            self.deadline, self.what, self.bound = time.monotonic() + seconds + self.GRACE_S, what, seconds
+            self.cv.notify()
+
+    def disarm(self):
+        with self.cv:
+            self.deadline = None
+            self.cv.notify()
+
+    def _loop(self):
+        with self.cv:
+            while True:
+                if self.deadline is None:
+                    self.cv.wait()
+                    continue
+                left = self.deadline - time.monotonic()
+                if left > 0:
+                    self.cv.wait(left)
+                    continue
+                self.say(f"{self.what} did not finish within --timeout {self.bound:g} s; exiting")
+                os._exit(self.code)
+
+
+class NoWatchdog:
+    """serve() in-process (tests): the torch timeouts alone bound the waits."""
+
+    def arm(self, seconds, what):
+        pass
+
+    def disarm(self):
+        pass

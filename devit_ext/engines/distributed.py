@@ -18,7 +18,13 @@ again. Groups live in a per-process registry keyed by `init_method`
 Per call. After the rendezvous (bounded by `timeout`; spawned workers get at
 least 120 s to import torch, see `rendezvous_timeout`) every worker sends a
 hello with its model's content hash: a worker running another model is refused
-(the error names the device). Then per micro-batch the aggregator sends a
+(the error names the device). With a secret (`secret=`, else $DEVIT_SECRET;
+generated per group for spawn=True) each worker then proves it by
+challenge-response and gets a session key; every token message carries an
+HMAC tag under it and every batch control message a tag too, so a worker
+without the secret, or a forged, altered or replayed message, is refused
+naming the device (docs/security.md). Without a secret a non-loopback
+init_method is refused unless insecure=True. Then per micro-batch the aggregator sends a
 control tensor (batch id, shape, dtypes) and the images (uint8 when given
 uint8, else float32) to every device and posts a receive for its
 `devit_ext.wire` message; two micro-batches are in flight, so workers compute
@@ -53,13 +59,13 @@ from typing import Any
 
 import torch
 
-from .. import ops, protocol, wire
+from .. import auth, ops, protocol, wire
 from ..checks import is_int, is_number
 from . import _proto, _waiters, common
 from ._group import DeviceError, DevicesError, DistributedError, WorkerGroup, WorkerRefused  # noqa: F401 - public errors
 
 ENGINE_OPTS = ("init_method", "world_size", "spawn", "backend", "threads", "worker_device", "rendezvous_timeout",
-               "pipeline_depth")
+               "pipeline_depth", "secret", "insecure")
 SPAWN_KEY = "spawn"
 
 
@@ -119,13 +125,15 @@ atexit.register(shutdown)
 
 
 def _get_session(model, mhash, *, key, init_method, world, backend, spawn, degrade, timeout, rdv_timeout, threads,
-                 worker_device) -> tuple[WorkerGroup, bool]:
+                 worker_device, secret=None) -> tuple[WorkerGroup, bool]:
     s = _SESSIONS.get(key)
     if s is not None:
         reason = None
         if s.world != world or s.backend != backend or s.spawned != bool(spawn):
             reason = (f"the group at {key} has world size {s.world}, backend {s.backend}, spawned={s.spawned}; "
                       f"this call needs world size {world}, backend {backend}, spawned={bool(spawn)}")
+        elif secret is not None and s.secret != secret or secret is None and not s.spawned and s.secret is not None:
+            reason = "respawn" if s.spawned else f"the group at {key} was opened with another secret"
         elif s.spawned and s.hash != mhash:
             reason = "respawn"  # the model changed: new workers with the new weights
         elif s.spawned and any(p.poll() is not None for p in s.procs) and not degrade:
@@ -151,7 +159,9 @@ def _get_session(model, mhash, *, key, init_method, world, backend, spawn, degra
                 list(range(s.num_devices)))
     if s is not None:
         return s, False
-    s = WorkerGroup(key, init_method, world, backend, bool(spawn))
+    if spawn and secret is None:
+        secret = auth.as_secret(auth.new_secret())  # one per group of spawned workers
+    s = WorkerGroup(key, init_method, world, backend, bool(spawn), secret)
     try:
         s.open(model, mhash, timeout=timeout, rdv_timeout=rdv_timeout, threads=threads, worker_device=worker_device)
     except BaseException:
@@ -170,7 +180,7 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
         degrade: bool = False, init_method: str | None = None, world_size: int | None = None, spawn: bool = False,
         backend: str | None = None, device=None, dtype=None, threads: int | None = None, worker_device: str = "cpu",
         rendezvous_timeout: float | None = None, pipeline_depth: int = 2, return_stats: bool = True,
-        request: common.Request | None = None, **unknown):
+        request: common.Request | None = None, secret: str | bytes | None = None, insecure: bool = False, **unknown):
     """Validated raw images -> (logits float32 (B, C) on the images' device, Stats).
 
     init_method: tcp://HOST:PORT (rank 0 = this process hosts the rendezvous)
@@ -181,7 +191,10 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
     workers' compute dtype (default fp32 on CPU). threads: torch threads per
     spawned worker. worker_device: spawned workers' --device.
     rendezvous_timeout: default `timeout`, at least 120 s for spawned workers.
-    pipeline_depth: micro-batches in flight per device (>= 1). request: the
+    pipeline_depth: micro-batches in flight per device (>= 1). secret: shared
+    with the workers (str or bytes, >= 16 bytes; default $DEVIT_SECRET; spawn:
+    generated per group when neither is set). insecure: allow a non-loopback
+    init_method without a secret (docs/security.md). request: the
     `common.Request` that `collaborate` resolved (then the arguments it covers
     are not checked again); built here when absent.
     """
@@ -213,8 +226,14 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
             "engine='distributed' needs init_method='tcp://HOST:PORT' (workers started with `devit-ext worker`) "
             "or spawn=True (local workers on loopback)"
         )
+    if not isinstance(insecure, bool):
+        raise TypeError(f"insecure: expected a bool, got {type(insecure).__name__}")
+    secret = auth.as_secret(secret, "secret") if secret is not None else auth.secret_from_env()
     if init_method is not None:
-        _proto.parse_init_method(init_method)  # clear error before any work
+        host, _, _ = _proto.parse_init_method(init_method)  # clear error before any work
+        if not spawn:
+            auth.check_secure(host, secret, insecure, secret_hint="secret=... or $DEVIT_SECRET here, "
+                              "--secret-file PATH or $DEVIT_SECRET for the workers", insecure_hint="insecure=True")
     backend = backend or "gloo"
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
@@ -233,7 +252,7 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
         mhash = model_hash(model)
         s, opened = _get_session(model, mhash, key=key, init_method=init_method, world=world, backend=backend,
                                  spawn=spawn, degrade=degrade, timeout=timeout, rdv_timeout=rdv, threads=threads,
-                                 worker_device=worker_device)
+                                 worker_device=worker_device, secret=secret)
         try:
             logits, stats = _run_batches(model, s, images, transfer=transfer, batch_size=batch_size, timeout=timeout,
                                          degrade=degrade, dev=dev, wdtype=wdtype, depth=pipeline_depth)
@@ -246,6 +265,7 @@ def run(model, images: torch.Tensor, *, transfer: str = "int8", batch_size: int 
         stats.extra.update(
             init_method=s.init_method_used, world_size=world, backend=backend, spawned=s.spawned,
             worker_pids=[p.pid for p in s.procs], rendezvous_s=s.rendezvous_s if opened else 0.0, new_group=opened,
+            authenticated=s.secret is not None,
         )
         return logits.to(images.device), stats
 
@@ -289,17 +309,21 @@ def _run_batches(model, s: WorkerGroup, images, *, transfer, batch_size, timeout
         x = raw[a:b]
         if s.comm.type != "cpu":
             x = x.to(s.comm)
-        bid = s.next_id
+        bid = s.next_id  # the sequence number: every device's message for this batch must carry it
         s.next_id += 1
-        c = _proto.ctrl(_proto.CTRL_BATCH, bid, tuple(x.shape), img_code, tcode, ccode).to(s.comm)
-        entry = {"bid": bid, "n": b - a, "ctrl": c, "x": x, "recv": {}, "send": [], "t": {}}
+        c0 = _proto.ctrl(_proto.CTRL_BATCH, bid, tuple(x.shape), img_code, tcode, ccode)
+        digest = auth.image_digest(raw[a:b].numpy()) if s.keys else b""
+        entry = {"bid": bid, "n": b - a, "ctrl": [], "x": x, "recv": {}, "send": [], "t": {}}
         for i in range(n_dev):
             if i in missing:
                 continue
             try:
+                c = (_proto.sign_batch_ctrl(c0, s.keys[i], digest) if s.keys else c0).to(s.comm)
+                entry["ctrl"].append(c)
                 entry["send"].append(s.pg.send([c], i + 1, _proto.TAG_CTRL))
                 entry["send"].append(s.pg.send([x], i + 1, _proto.TAG_IMAGES))
-                buf = torch.empty(wire.message_size(transfer, b - a, T, widths[i]), dtype=torch.uint8, device=s.comm)
+                size = wire.message_size(transfer, b - a, T, widths[i], authenticated=bool(s.keys))
+                buf = torch.empty(size, dtype=torch.uint8, device=s.comm)
                 entry["recv"][i] = (buf, s.waiters[i].submit(s.pg.recv([buf], i + 1, _proto.TAG_TOKENS)))
                 entry["t"][i] = time.perf_counter()
             except RuntimeError as e:
@@ -321,7 +345,8 @@ def _run_batches(model, s: WorkerGroup, images, *, transfer, batch_size, timeout
                 _waiters.await_slot(slot, deadline)
                 t_done = time.perf_counter()
                 m = wire.decode(buf.cpu(), expected_hash=s.hash, device=i, batch_id=entry["bid"], batch_size=entry["n"],
-                                num_tokens=T, width=widths[i], transfer=transfer, kind=wire.KIND_TOKENS)
+                                num_tokens=T, width=widths[i], transfer=transfer, kind=wire.KIND_TOKENS,
+                                key=s.keys.get(i))
             except (_waiters.Timeout, RuntimeError, wire.WireError) as e:
                 s.abandoned.append((entry["x"], entry["ctrl"], buf))
                 fault(i, e, k)
@@ -358,6 +383,7 @@ def _run_batches(model, s: WorkerGroup, images, *, transfer, batch_size, timeout
     stats.extra.update(
         missing_reasons={i: missing[i] for i in gone},
         header_bytes_per_message=wire.HEADER_SIZE,
+        tag_bytes_per_message=wire.TAG_BYTES if s.keys else 0,
         image_bytes_per_image=int(raw[0].numel() * raw.element_size()),
     )
     return logits, stats

@@ -199,6 +199,8 @@ def get_engine(model, device: torch.device, dtype: torch.dtype, transfer: str, o
     mb = opts.get("max_bucket", 256)
     if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
         raise ValueError(f"max_bucket: expected a positive int, got {mb!r}")
+    if not isinstance(opts.get("cuda_graphs", True), bool):
+        raise TypeError(f"cuda_graphs: expected a bool, got {opts['cuda_graphs']!r}")
     backend = opts.get("backend", "torch")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")

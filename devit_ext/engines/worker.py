@@ -1,6 +1,7 @@
 """One edge device of a distributed run: `devit-ext worker` (or `python -m devit_ext.engines.worker`).
 
     devit-ext worker --rank R --world-size W --init-method tcp://HOST:PORT --model PATH [--device cpu|cuda] [--timeout S]
+                     [--secret-file PATH | $DEVIT_SECRET] [--insecure]
 
 Rank 0 is the aggregator (the process calling `collaborate(..., engine="distributed")`);
 rank R >= 1 runs device R - 1's sub-model of the saved DeViT at PATH. Under
@@ -13,8 +14,21 @@ receives the images, runs its sub-model, fuses the final LayerNorm with int8
 quantisation (`layernorm_quantize_int8`; a LayerNorm and a cast for fp16/fp32)
 (`devit_ext.protocol.encode`) and returns one `devit_ext.wire` message. It sends batch k while it already
 waits for batch k + 1. It exits 0 on the aggregator's shutdown message, 3 when
-the aggregator refuses it (another model), 1 when the aggregator goes away,
-2 on a usage error.
+the aggregator refuses it (another model, no or another secret) or fails to
+prove the secret, 1 when the aggregator goes away or a wait runs past
+--timeout, 2 on a usage error (also: its --rank already taken).
+
+With a secret (--secret-file, else $DEVIT_SECRET, which the worker then
+removes from its environment) the hello says so, the worker answers the
+aggregator's challenge and checks the aggregator's proof, tags every token
+message and checks every batch control message's tag (docs/security.md).
+Without one, a non-loopback --init-method is refused unless --insecure.
+
+Every wait but the one for the next batch (connecting, the hello and the
+challenge, each image receive and send) is bounded by --timeout: a watchdog
+ends the process 1 s after it, whatever Gloo or the store do. The wait for the
+next batch is not: the aggregator may be idle for long, and a closed
+connection (aggregator gone) ends it at once.
 """
 from __future__ import annotations
 
@@ -38,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds for the rendezvous and for each transfer (default 60); between batches a worker waits indefinitely")
     p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"), help="torch.distributed backend (default gloo)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--secret-file", default=None,
+                   help="file holding the secret shared with the aggregator (default: $DEVIT_SECRET)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --init-method without a secret (unauthenticated: trusted networks only)")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # spawned: exit with the aggregator
 
 
@@ -78,9 +96,18 @@ def run(args) -> int:
     if args.parent_pid:
         _watch_parent(args.parent_pid)
 
+    from .. import auth
+
+    try:
+        secret = auth.read_secret_file(args.secret_file) if args.secret_file else auth.secret_from_env()
+    except (auth.SecretError, TypeError) as e:
+        _say(prefix, str(e))
+        return EXIT_USAGE
+    os.environ.pop(auth.ENV, None)  # nothing this process starts inherits it
+
     import torch
 
-    from . import _proto
+    from . import _proto, _waiters
 
     if args.threads:
         torch.set_num_threads(max(1, int(args.threads)))
@@ -90,7 +117,13 @@ def run(args) -> int:
         _say(prefix, str(e))
         return EXIT_USAGE
     try:
-        w = _Worker(args.model, rank, world, args.device, args.timeout)
+        auth.check_secure(host, secret, args.insecure, secret_hint="--secret-file PATH or $DEVIT_SECRET here, the "
+                          "same as secret=... or $DEVIT_SECRET for the aggregator", insecure_hint="--insecure")
+    except auth.SecretError as e:
+        _say(prefix, f"--init-method {init}: {e}")
+        return EXIT_USAGE
+    try:
+        w = _Worker(args.model, rank, world, args.device, args.timeout, secret)
     except Exception as e:  # noqa: BLE001 - a worker reports and exits
         _say(prefix, f"cannot start: {type(e).__name__}: {e}")
         return EXIT_USAGE
@@ -99,14 +132,25 @@ def run(args) -> int:
     except Exception as e:  # noqa: BLE001
         _say(prefix, f"cannot run its sub-model: {type(e).__name__}: {e}")
         return EXIT_USAGE
+    dog = _waiters.Watchdog(lambda text: _say(prefix, text), EXIT_LOST)
+    _say(prefix, f"joining the group at {init} (timeout {args.timeout:g} s)")
+    t_end = time.monotonic() + args.timeout
+    dog.arm(args.timeout, f"joining the group at {init}")
     try:
         _, store = _proto.make_store(host, port, world, False, args.timeout)
-        store.set(f"joined/{rank}", str(os.getpid()))
-        pg = _proto.make_group(store, rank, world, args.timeout, args.backend, host)
+        holder = _proto.claim_rank(store, rank)
+        if holder is not None:
+            _say(prefix, f"rank {rank} is already taken in the group at {init} (by the worker with pid {holder}, "
+                         f"maybe on another host): give each worker its own --rank (1..{world - 1}); exiting")
+            return EXIT_USAGE
+        # the group's connect gets what is left of the bound, not a second one
+        pg = _proto.make_group(store, rank, world, max(0.5, t_end - time.monotonic()), args.backend, host)
     except Exception as e:  # noqa: BLE001
         _say(prefix, f"rendezvous at {init} failed within {args.timeout:g} s: {type(e).__name__}: {e}")
         return EXIT_LOST
-    code = w.serve(pg, args.backend, prefix)
+    finally:
+        dog.disarm()
+    code = w.serve(pg, args.backend, prefix, dog)
     if args.parent_pid:
         # spawned by an aggregator: skip the interpreter teardown (seconds with a live Gloo group), which
         # only delays the aggregator's shutdown; nothing is left to flush but stdio
@@ -144,7 +188,7 @@ def _env_int(name: str) -> int | None:
 
 
 class _Worker:
-    def __init__(self, path: str, rank: int, world: int, device: str, timeout: float):
+    def __init__(self, path: str, rank: int, world: int, device: str, timeout: float, secret: bytes | None = None):
         import torch
 
         from .. import protocol
@@ -165,6 +209,8 @@ class _Worker:
         self.tokens = protocol.tokens_per_image(model)
         self.width = self.sub.embed_dim
         self.timeout = float(timeout)
+        self.secret = secret
+        self.rank = rank
         self._cast: dict = {}
 
     def _sub(self, dtype):
@@ -205,42 +251,75 @@ class _Worker:
             return wire.encode(self.hash, self.index, batch_id, q=msg.q, scales=msg.scales, tokens=msg.tokens,
                                compute_s=dt), dt
 
-    def serve(self, pg, backend: str, prefix: str) -> int:
+    def serve(self, pg, backend: str, prefix: str, dog=None) -> int:
         import torch
 
-        from .. import wire
+        from .. import auth, wire
         from . import _proto
 
+        from . import _waiters
+
+        dog = dog or _waiters.NoWatchdog()
         comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         tmo = _proto.td(self.timeout)
+
+        def bounded(work, what):
+            dog.arm(self.timeout, what)
+            try:
+                work.wait(tmo)
+            finally:
+                dog.disarm()
+
+        def recv_ctrl(wait):
+            c = torch.zeros(_proto.CTRL_LEN, dtype=torch.int64, device=comm)
+            work = pg.recv([c], 0, _proto.TAG_CTRL)
+            if wait is None:
+                work.wait(_proto.IDLE)
+            else:
+                bounded(work, wait)
+            return c.cpu().tolist()
+
         pending = None
+        key = None
+        last_bid = 0
         try:
-            pg.send([wire.encode_hello(self.hash, self.index, self.tokens, self.width).to(comm)], 0, _proto.TAG_HELLO).wait(tmo)
+            hello = wire.encode_hello(self.hash, self.index, self.tokens, self.width, holds_secret=self.secret is not None)
+            bounded(pg.send([hello.to(comm)], 0, _proto.TAG_HELLO), "sending the hello")
+            if self.secret is not None:
+                key = self._authenticate(pg, comm, prefix, recv_ctrl, bounded)
+                if isinstance(key, int):
+                    return key
             while True:
-                c = torch.zeros(_proto.CTRL_LEN, dtype=torch.int64, device=comm)
-                pg.recv([c], 0, _proto.TAG_CTRL).wait(_proto.IDLE)
-                c = c.cpu().tolist()
+                c = recv_ctrl(None)  # the next batch: the aggregator may be idle for long
                 if c[0] != _proto.CTRL_MAGIC:
                     _say(prefix, f"malformed control message from the aggregator (magic {c[0]:#x}); exiting")
                     return EXIT_LOST
                 kind, bid, shape = c[1], c[2], tuple(c[3:7])
                 if kind == _proto.CTRL_SHUTDOWN:
                     if pending is not None:
-                        pending.wait(tmo)
+                        bounded(pending, "sending the last message")
                     return EXIT_OK
                 if kind == _proto.CTRL_REFUSE:
-                    _say(prefix, f"the aggregator refused this worker: its model (content hash {self.hash[:16]}) "
-                                 "is not the aggregator's; start it with the same saved model")
-                    return EXIT_REFUSED
+                    return self._refused(prefix, c[2])
+                # checked against the model before anything is allocated
                 bad = batch_ctrl_error(c, (self.model.in_chans, *self.model.img_size))
+                if bad is None and key is not None and bid <= last_bid:
+                    bad = f"batch id {bid} after {last_bid} (a replayed control message)"
                 if bad:
                     _say(prefix, f"malformed control message from the aggregator: {bad}: {c}; exiting")
                     return EXIT_LOST
                 images = torch.empty(shape, dtype=_proto.IMAGE_DTYPES[c[7]], device=comm)
-                pg.recv([images], 0, _proto.TAG_IMAGES).wait(tmo)
+                bounded(pg.recv([images], 0, _proto.TAG_IMAGES), f"receiving the images of batch {bid}")
+                if key is not None and not _proto.batch_ctrl_ok(c, key, auth.image_digest(images.cpu().numpy())):
+                    _say(prefix, f"batch {bid}: the control message's tag does not match it and its images "
+                                 "(forged or altered on the way); exiting")
+                    return EXIT_LOST
+                last_bid = bid
                 msg, _ = self.compute(images, wire.TRANSFER_NAMES[c[8]], _proto.COMPUTE_DTYPES[c[9]], bid)
+                if key is not None:
+                    msg = wire.seal(msg, key)
                 if pending is not None:
-                    pending.wait(tmo)  # batch k-1 has left before batch k goes out
+                    bounded(pending, "sending a message")  # batch k-1 has left before batch k goes out
                 out = msg.to(comm)  # stays referenced until the next batch has waited on this send
                 pending = pg.send([out], 0, _proto.TAG_TOKENS)
         except RuntimeError as e:
@@ -250,6 +329,44 @@ class _Worker:
         except Exception as e:  # noqa: BLE001
             _say(prefix, f"failed: {type(e).__name__}: {e}")
             return EXIT_LOST
+
+    def _refused(self, prefix: str, reason: int) -> int:
+        from . import _proto
+
+        why = _proto.REFUSE_TEXT.get(reason, f"reason {reason}")
+        if reason == _proto.REFUSE_MODEL:
+            why = why.replace("its model", f"its model (content hash {self.hash[:16]})")
+        _say(prefix, f"the aggregator refused this worker: {why}")
+        return EXIT_REFUSED
+
+    def _authenticate(self, pg, comm, prefix, recv_ctrl, bounded):
+        """Challenge-response (devit_ext.auth): answer the aggregator's nonce, check its proof of ours.
+        Returns the session key, or an exit code."""
+        import torch
+
+        from .. import auth, wire
+        from . import _proto
+
+        c = recv_ctrl("waiting for the aggregator's challenge")
+        if c[0] == _proto.CTRL_MAGIC and c[1] == _proto.CTRL_REFUSE:
+            return self._refused(prefix, c[2])
+        if c[0] != _proto.CTRL_MAGIC or c[1] != _proto.CTRL_AUTH:
+            _say(prefix, f"expected the aggregator's challenge, got control message {c[:2]}; exiting")
+            return EXIT_LOST
+        nonce_a, nonce_w, h16 = _proto.ctrl_value(c), auth.new_nonce(), wire.hash_bytes(self.hash)
+        # answered even when the aggregator's proof will not match: then it can say "wrong secret" too
+        answer = torch.frombuffer(bytearray(nonce_w + auth.worker_proof(self.secret, nonce_a, nonce_w, h16, self.rank)),
+                                  dtype=torch.uint8).to(comm)
+        bounded(pg.send([answer], 0, _proto.TAG_AUTH), "answering the challenge")
+        c = recv_ctrl("waiting for the aggregator's proof")
+        if c[0] == _proto.CTRL_MAGIC and c[1] == _proto.CTRL_REFUSE:
+            return self._refused(prefix, c[2])
+        if c[0] != _proto.CTRL_MAGIC or c[1] != _proto.CTRL_AUTH_OK or not auth.verify(
+                self.secret, _proto.ctrl_value(c), *auth.aggregator_context(nonce_a, nonce_w, h16, self.rank)):
+            _say(prefix, "the aggregator failed to prove the shared secret (another secret, or not the aggregator); "
+                         "exiting")
+            return EXIT_REFUSED
+        return auth.session_key(self.secret, nonce_a, nonce_w, h16, self.rank)
 
 
 def main(argv: list[str] | None = None) -> int:
