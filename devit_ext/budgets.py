@@ -14,7 +14,7 @@ import copy
 import torch
 
 from .checks import is_int, is_number
-from .shapes import shape_config, uniform_config, vit_flops, vit_params
+from .shapes import flops_of, is_cct, params_of, shape_config, uniform_config
 
 DEFAULT_TOTAL_FRACTION = 0.4  # default: all devices together get 40% of the teacher's FLOPs, equal shares
 SEARCH_TOL = 0.03  # shape search aims within 3% of the budget ...
@@ -44,7 +44,7 @@ def search_shape(tcfg: dict, target: float, kind: str = "flops") -> dict:
     dT, D, P = tcfg["embed_dim"], tcfg["head_dim"], tcfg["num_prefix_tokens"]
     LT, HT = len(tcfg["blocks"]), max(b["num_heads"] for b in tcfg["blocks"])
     MT = max(b["mlp_hidden"] for b in tcfg["blocks"])
-    cost = vit_flops if kind == "flops" else vit_params
+    cost = flops_of if kind == "flops" else params_of
     full = cost(tcfg)
     if target >= full:
         return {"embed_dim": dT, "depth": LT, "num_heads": HT, "mlp_hidden": MT, "blocks": copy.deepcopy(tcfg["blocks"])}
@@ -91,8 +91,9 @@ def search_shape(tcfg: dict, target: float, kind: str = "flops") -> dict:
 
 def resolve_budgets(tcfg: dict, num_devices: int, budgets) -> tuple[list[dict], list[dict]]:
     """Per device: (shape, target) where target is {"kind", "value"} or None for explicit shapes."""
-    teacher_flops = vit_flops(tcfg, include_head=True)
-    teacher_params = vit_params(tcfg)
+    teacher_flops = flops_of(tcfg, include_head=True)
+    teacher_params = params_of(tcfg)
+    inner = list(tcfg.get("conv_channels", [])) if is_cct(tcfg) else []  # a CCT's inner tokenizer channels
     if budgets is None:
         budgets = [DEFAULT_TOTAL_FRACTION / num_devices] * num_devices
     if isinstance(budgets, (str, bytes, dict)) or not isinstance(budgets, (list, tuple)):
@@ -121,7 +122,9 @@ def resolve_budgets(tcfg: dict, num_devices: int, budgets) -> tuple[list[dict], 
             if value > full:
                 raise ValueError(f"{where}: {kind}={value:.4g} exceeds the teacher's {full:.4g}")
             value = float(value)
-        elif isinstance(b, dict) and set(b) == set(SHAPE_KEYS):
+        elif isinstance(b, dict) and set(b) - {"conv_channels"} == set(SHAPE_KEYS):
+            if "conv_channels" in b:
+                _check_conv_channels(where, b["conv_channels"], inner)
             for k in SHAPE_KEYS:
                 v = b[k]
                 if not is_int(v) or v <= 0:
@@ -130,17 +133,20 @@ def resolve_budgets(tcfg: dict, num_devices: int, budgets) -> tuple[list[dict], 
                     raise ValueError(f"{where}: {k}={v} exceeds the teacher's {k} ({limits[k]})")
             shape = {k: int(b[k]) for k in SHAPE_KEYS}
             shape["blocks"] = [{"num_heads": shape["num_heads"], "mlp_hidden": shape["mlp_hidden"]}] * shape["depth"]
+            if "conv_channels" in b:
+                shape["conv_channels"] = [int(c) for c in b["conv_channels"]]
             shapes.append(shape)
             targets.append(None)
             continue
         else:
             raise ValueError(
                 f"{where}: expected a fraction in (0, 1], {{'flops': n}}, {{'params': n}} or an explicit shape "
-                f"with exactly the keys {list(SHAPE_KEYS)}, got {b!r}"
+                f"with exactly the keys {list(SHAPE_KEYS)} (a CCT's may add 'conv_channels'), got {b!r}"
             )
         shape = search_shape(tcfg, value, kind)
-        got = (vit_flops if kind == "flops" else vit_params)(shape_config(tcfg, shape["embed_dim"], shape["blocks"], 1))
-        if abs(got / value - 1) > BUDGET_TOL and value < (vit_flops if kind == "flops" else vit_params)(tcfg):
+        cost = flops_of if kind == "flops" else params_of
+        got = cost(shape_config(tcfg, shape["embed_dim"], shape["blocks"], 1))
+        if abs(got / value - 1) > BUDGET_TOL and value < cost(tcfg):
             raise ValueError(
                 f"{where}: no sub-model shape has {kind} within {BUDGET_TOL:.0%} of {value:.4g} "
                 f"(closest: {got:.4g}); the smallest possible model is larger, raise the budget"
@@ -148,3 +154,14 @@ def resolve_budgets(tcfg: dict, num_devices: int, budgets) -> tuple[list[dict], 
         shapes.append(shape)
         targets.append({"kind": kind, "value": value})
     return shapes, targets
+
+
+def _check_conv_channels(where: str, chans, inner: list[int]) -> None:
+    """An explicit shape's `conv_channels`: one positive int per inner conv of a CCT's tokenizer, at most the teacher's."""
+    if not inner:
+        raise ValueError(f"{where}: conv_channels applies to a CCT teacher with a tokenizer of two or more convs")
+    if not isinstance(chans, (list, tuple)) or len(chans) != len(inner) or not all(is_int(c) and c > 0 for c in chans):
+        raise ValueError(f"{where}: conv_channels must be {len(inner)} positive int(s) (the teacher has {inner}), got {chans!r}")
+    for c, t in zip(chans, inner):
+        if c > t:
+            raise ValueError(f"{where}: conv_channels {list(chans)} exceed the teacher's {inner}")

@@ -20,9 +20,10 @@ import torch.nn as nn
 from . import importance as imp
 from . import partition as part
 from .budgets import resolve_budgets
-from .model import DeViT, FusionHead, SubViT
+from .cct.shapes import student_config
+from .model import DeViT, FusionHead, build_submodel, teacher_config, teacher_tokens
 from .checks import is_int, is_number
-from .shapes import shape_config, teacher_config, vit_flops, vit_params
+from .shapes import final_norm_name, flops_of, head_names, is_cct, params_of, shape_config
 
 # ---------------------------------------------------------------------------
 # Physical pruning
@@ -40,11 +41,12 @@ def _expand_heads(heads: torch.Tensor, D: int, H: int, qkv: bool) -> torch.Tenso
     return torch.cat([s * H * D + base for s in range(3)]) if qkv else base
 
 
-def prune(teacher_state: dict, tcfg: dict, keep: dict) -> SubViT:
-    """A SubViT holding exact slices of the teacher's weights.
+def prune(teacher_state: dict, tcfg: dict, keep: dict) -> nn.Module:
+    """A sub-model (SubViT, or SubCCT for a CCT teacher) holding exact slices of the teacher's weights.
 
     keep: {"embed": idx, "blocks": [teacher block index, ...], "heads": [idx per kept block],
-    "neurons": [idx per kept block], "classes": [global class, ...]} (all indices ascending).
+    "neurons": [idx per kept block], "classes": [global class, ...]} (all indices ascending);
+    a CCT's also "conv": [idx per inner tokenizer conv] (the teacher's channels when absent).
     """
     D = tcfg["head_dim"]
     blocks = keep["blocks"]
@@ -55,22 +57,29 @@ def prune(teacher_state: dict, tcfg: dict, keep: dict) -> SubViT:
         [{"num_heads": len(h), "mlp_hidden": len(m)} for h, m in zip(keep["heads"], keep["neurons"])],
         len(keep["classes"]),
     )
+    conv = keep.get("conv")
+    if is_cct(tcfg):
+        conv = conv if conv is not None else [torch.arange(c) for c in tcfg["conv_channels"]]
+        cfg = student_config(cfg)
+        cfg["conv_channels"] = [len(c) for c in conv]
     classes = torch.tensor(keep["classes"], dtype=torch.long)
     state = {}
     for name, t in teacher_state.items():
-        axes = imp.param_axes(name)
-        if name.startswith("blocks."):
-            parts = name.split(".")
-            k = int(parts[1])
+        axes = imp.param_axes(name, tcfg)
+        k = imp.block_index(name)
+        if k is not None:
             if k not in pos:
                 continue
-            name = ".".join(["blocks", str(pos[k])] + parts[2:])
+            head, _, rest = name.partition(f"blocks.{k}.")
+            name = f"{head}blocks.{pos[k]}.{rest}"
         t = t.detach()
         for axis, kind in axes.items():
             if kind[0] == "embed":
                 idx = keep["embed"]
             elif kind[0] == "classes":
                 idx = classes
+            elif kind[0] == "conv":
+                idx = conv[kind[1]]
             elif kind[0] in ("qkv", "heads"):
                 H = tcfg["blocks"][kind[1]]["num_heads"]
                 idx = _expand_heads(keep["heads"][pos[kind[1]]], D, H, kind[0] == "qkv")
@@ -78,7 +87,7 @@ def prune(teacher_state: dict, tcfg: dict, keep: dict) -> SubViT:
                 idx = keep["neurons"][pos[kind[1]]]
             t = t.index_select(axis, idx.to(t.device))
         state[name] = t.to("cpu", torch.float32)
-    sub = SubViT(cfg)
+    sub = build_submodel(cfg)
     sub.load_state_dict(state, strict=True)
     return sub
 
@@ -90,7 +99,11 @@ def choose_units(scores: dict, shape: dict, tcfg: dict, block_select: str) -> di
     else:
         blocks = top_units(scores["blocks"], L).tolist()
     bl = shape["blocks"]
-    return {
+    out = {}
+    if scores.get("conv") is not None:  # a CCT's inner tokenizer channels: the teacher's unless the shape says
+        chans = shape.get("conv_channels", [len(c) for c in scores["conv"]])
+        out["conv"] = [top_units(c, n) for c, n in zip(scores["conv"], chans)]
+    return out | {
         "embed": top_units(scores["embed"], shape["embed_dim"]),
         "blocks": blocks,
         "heads": [top_units(scores["heads"][k], min(bl[i]["num_heads"], len(scores["heads"][k]))) for i, k in enumerate(blocks)],
@@ -123,9 +136,10 @@ def init_fusion(teacher_state: dict, tcfg: dict, kept_embed: list[torch.Tensor])
     for e in kept_embed:
         W[e, off + torch.arange(len(e))] = 1.0 / cover[e]
         off += len(e)
-    bias = torch.where(cover > 0, torch.zeros(dT), teacher_state["norm.bias"].detach().float().cpu())
+    norm_bias = teacher_state[f"{final_norm_name(tcfg)}.bias"].detach().float().cpu()
+    bias = torch.where(cover > 0, torch.zeros(dT), norm_bias)
     with torch.no_grad():
-        for (mp, hd), hname in zip(fusion.branches(), ("head", "head_dist")):
+        for (mp, hd), hname in zip(fusion.branches(), head_names(tcfg)):
             mp.weight.copy_(W)
             mp.bias.copy_(bias)
             hd.weight.copy_(teacher_state[f"{hname}.weight"])
@@ -146,10 +160,11 @@ def fit_fusion_map(model: DeViT, teacher: nn.Module, images: torch.Tensor, batch
     with torch.no_grad():
         for s in range(0, len(images), batch_size):
             x = images[s : s + batch_size]
-            f = teacher.forward_features(x.to(dev)).double().cpu()
+            f = teacher_tokens(teacher, teacher.forward_features(x.to(dev)), model.distilled)
+            f = [t.double().cpu() for t in f]
             toks = [t.double().cpu() for t in model.forward_tokens(x.to(next(model.parameters()).device))]
             xs.append(torch.cat(toks, dim=-1))
-            ts.append(f[:, :2] if model.distilled else f[:, 0])
+            ts.append(torch.stack(f, 1) if model.distilled else f[0])
     X, T = torch.cat(xs), torch.cat(ts)
     for b, (mp, _) in enumerate(model.fusion.branches()):
         Xb = X[:, b] if model.distilled else X
@@ -206,7 +221,11 @@ def decompose(
 
     Args:
         teacher: a timm `VisionTransformer` with a class token (vit_*, deit_*,
-            deit3_*, DeiT distilled: the sub-models then keep both tokens).
+            deit3_*, DeiT distilled: the sub-models then keep both tokens), or
+            a CCT (`devit_ext.cct`, e.g. `timm.create_model("cct_7_3x1_32")`):
+            the sub-models are `SubCCT`s that send their sequence-pooled vector;
+            an explicit shape may add "conv_channels" (a multi-conv tokenizer's
+            inner channels; otherwise the teacher's are kept).
         num_devices: N, 1 <= N <= number of classes.
         budgets: one entry per device: a fraction in (0, 1] of the teacher's
             FLOPs (`meta["teacher_flops"]`, one image, head included),
@@ -266,6 +285,9 @@ def decompose(
         raise ValueError(f"block_select: expected 'auto', 'first' or 'importance', got {block_select!r}")
     if block_select == "importance" and importance == "magnitude":
         raise ValueError("block_select: 'importance' needs a criterion that scores blocks (importance='taylor' or 'hsic')")
+    if importance == "hsic" and is_cct(tcfg):
+        raise ValueError("importance: 'hsic' reads the heads' outputs at the class token, which a CCT does not "
+                         "have; use 'magnitude' or 'taylor' for a CCT teacher")
     if fusion_init not in ("scatter", "lstsq"):
         raise ValueError(f"fusion_init: expected 'scatter' or 'lstsq', got {fusion_init!r}")
     explicit = not isinstance(partition, str)
@@ -296,16 +318,17 @@ def decompose(
         if not explicit:
             weights = None
             if class_share == "budget":
-                weights = [vit_flops(shape_config(tcfg, s["embed_dim"], s["blocks"], 1)) for s in shapes]
+                weights = [flops_of(shape_config(tcfg, s["embed_dim"], s["blocks"], 1)) for s in shapes]
             sizes = part.group_sizes(C, num_devices, weights)
             if partition == "random":
                 groups = part.random_groups(C, sizes, seed)
             else:
                 dev = next(teacher.parameters()).device
                 with torch.no_grad():
-                    toks = torch.cat([teacher.forward_features(images[s].to(dev))[:, 0].double().cpu()
-                                      for s in imp._batches(len(images), batch_size)])
-                groups = part.similarity_groups(toks, labels, teacher.head.weight.detach().cpu(), sizes, seed)
+                    toks = torch.cat([teacher_tokens(teacher, teacher.forward_features(images[s].to(dev)))[0]
+                                      .double().cpu() for s in imp._batches(len(images), batch_size)])
+                head_w = teacher.state_dict()[f"{head_names(tcfg)[0]}.weight"].detach().cpu()
+                groups = part.similarity_groups(toks, labels, head_w, sizes, seed)
         kwargs = {"images": images, "labels": labels, "batch_size": batch_size}
         scores = imp.CRITERIA[importance](teacher, tcfg, groups, **kwargs)
     finally:
@@ -323,15 +346,16 @@ def decompose(
     meta = {
         "teacher_name": _teacher_name(teacher),
         "img_size": list(tcfg["img_size"]),
-        "patch_size": list(tcfg["patch_size"]),
+        "backbone": "cct" if is_cct(tcfg) else "vit",
+        "patch_size": list(tcfg["patch_size"]) if "patch_size" in tcfg else None,
         "in_chans": tcfg["in_chans"],
         "mean": tcfg["mean"],
         "std": tcfg["std"],
         "num_classes": C,
         "teacher_dim": tcfg["embed_dim"],
         "teacher_depth": len(tcfg["blocks"]),
-        "teacher_flops": vit_flops(tcfg, include_head=True),
-        "teacher_params": vit_params(tcfg),
+        "teacher_flops": flops_of(tcfg, include_head=True),
+        "teacher_params": params_of(tcfg),
         "distilled": tcfg["distilled"],
         "seed": int(seed),
         "partition": partition if isinstance(partition, str) else "explicit",

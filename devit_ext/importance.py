@@ -30,10 +30,14 @@ first k blocks" (see `decompose`).
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+
+from .cct import shapes as cct_shapes
+from .shapes import head_names, is_cct
 
 HEAD_TERM = 0.25  # share of the group's head columns in magnitude channel importance
 HSIC_REDUNDANCY = 0.5  # weight of the redundancy term in mRMR head ranking
@@ -46,13 +50,16 @@ MIN_GROUP_SAMPLES = 4  # fewer group images than this: score on all images inste
 # ---------------------------------------------------------------------------
 
 
-def param_axes(name: str) -> dict[int, tuple]:
-    """Axes of a timm ViT parameter that index prunable units.
+def param_axes(name: str, tcfg: dict | None = None) -> dict[int, tuple]:
+    """Axes of a timm ViT parameter (or, with a CCT's `tcfg`, a CCT's) that index prunable units.
 
     Kinds: ("embed",), ("qkv", k) (rows in the (3, H, D) layout of block k),
     ("heads", k) (H*D columns of block k's attn.proj), ("neurons", k),
-    ("classes",) (rows of a classifier).
+    ("classes",) (rows of a classifier); a CCT adds ("conv", i), the output
+    channels of its inner tokenizer conv i.
     """
+    if tcfg is not None and is_cct(tcfg):
+        return cct_shapes.param_axes(name, tcfg)
     E = ("embed",)
     if name in ("cls_token", "dist_token", "pos_embed"):
         return {2: E}
@@ -76,10 +83,23 @@ def param_axes(name: str) -> dict[int, tuple]:
     raise ValueError(f"teacher: parameter {name!r} is not part of a supported ViT")
 
 
+_BLOCK_NAME = re.compile(r"^(?:classifier\.)?blocks\.(\d+)\.")
+
+
+def block_index(name: str) -> int | None:
+    """The block a parameter belongs to (`blocks.K.` of a ViT, `classifier.blocks.K.` of a CCT), or None."""
+    m = _BLOCK_NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _is_head(name: str, tcfg: dict) -> bool:
+    return any(name.startswith(h + ".") for h in head_names(tcfg))
+
+
 def _unit_key(kind: tuple):
     if kind[0] in ("qkv", "heads"):
         return ("heads", kind[1])
-    return kind if kind[0] == "neurons" else kind[0]
+    return kind if kind[0] in ("neurons", "conv") else kind[0]
 
 
 def reduce_axis(t: torch.Tensor, axis: int, kind: tuple, tcfg: dict) -> torch.Tensor:
@@ -93,16 +113,19 @@ def reduce_axis(t: torch.Tensor, axis: int, kind: tuple, tcfg: dict) -> torch.Te
 
 
 def _empty(tcfg: dict) -> dict:
-    return {
+    out = {
         "embed": torch.zeros(tcfg["embed_dim"], dtype=torch.float64),
         "heads": [torch.zeros(b["num_heads"], dtype=torch.float64) for b in tcfg["blocks"]],
         "neurons": [torch.zeros(b["mlp_hidden"], dtype=torch.float64) for b in tcfg["blocks"]],
         "blocks": None,
     }
+    if is_cct(tcfg):  # the inner channels of a multi-conv tokenizer
+        out["conv"] = [torch.zeros(c, dtype=torch.float64) for c in tcfg["conv_channels"]]
+    return out
 
 
 def _accumulate(scores: dict, name: str, s: torch.Tensor, tcfg: dict, normalise: bool) -> None:
-    for axis, kind in param_axes(name).items():
+    for axis, kind in param_axes(name, tcfg).items():
         if kind[0] == "classes":
             continue
         v = reduce_axis(s, axis, kind, tcfg).double().cpu()
@@ -162,16 +185,18 @@ def magnitude(teacher, tcfg: dict, groups: list[list[int]], **_) -> list[dict]:
     heads = {}
     with torch.no_grad():
         for name, p in teacher.state_dict().items():
-            if name.startswith(("head.", "head_dist.")):
+            if _is_head(name, tcfg):
                 heads[name] = p
                 continue
+            if is_cct(tcfg) and name == "classifier.positional_emb" and tcfg["positional_embedding"] == "sine":
+                continue  # a fixed table, the same for every width: it says nothing about a channel
             _accumulate(base, name, p.abs(), tcfg, normalise=True)
     base["embed"] /= base["embed"].mean().clamp_min(1e-30)
     out = []
     for g in groups:
         s = {k: ([t.clone() for t in v] if isinstance(v, list) else v) for k, v in base.items()}
         hv = torch.zeros_like(s["embed"])
-        for name in ("head.weight", "head_dist.weight"):
+        for name in (f"{h}.weight" for h in head_names(tcfg)):
             if name in heads:
                 v = heads[name][g].abs().sum(0).double().cpu()
                 hv += v / v.mean().clamp_min(1e-30)
@@ -213,12 +238,13 @@ def taylor(teacher, tcfg: dict, groups: list[list[int]], images, labels, batch_s
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 # reduce to unit scores right away: no per-group copy of the teacher's gradients is kept
                 for n, p, gr in zip(names, params, grads):
-                    if gr is None or n.startswith(("head.", "head_dist.")):
+                    if gr is None or _is_head(n, tcfg):
                         continue
                     sw = (p.detach() * gr).abs()
                     _accumulate(out[gi], n, sw, tcfg, normalise=False)
-                    if n.startswith("blocks."):
-                        out[gi]["blocks"][int(n.split(".")[1])] += float(sw.sum())
+                    k = block_index(n)
+                    if k is not None:
+                        out[gi]["blocks"][k] += float(sw.sum())
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
@@ -254,6 +280,9 @@ def _blend(rel: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
 
 
 def hsic(teacher, tcfg: dict, groups: list[list[int]], images, labels, batch_size: int = 32, **_) -> list[dict]:
+    if is_cct(tcfg):
+        raise ValueError("importance: 'hsic' reads the heads' outputs at the class token, which a CCT does not "
+                         "have; use 'magnitude' or 'taylor' for a CCT teacher")
     dev = next(teacher.parameters()).device
     P = tcfg["num_prefix_tokens"]
     L = len(tcfg["blocks"])

@@ -26,8 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import model_files
+from .cct import CCT, SubCCT
+from .cct import teacher_config as cct_teacher_config
 from .protocol import fused_logits
-from .shapes import num_tokens, summary_table, teacher_config, vit_flops  # noqa: F401 - teacher_config: used via devit_ext.model
+from .shapes import is_cct, num_tokens, summary_table, vit_flops
+from .shapes import teacher_config as vit_teacher_config
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -145,6 +148,14 @@ class SubViT(nn.Module):
         f = self.forward_features(x)
         return f[:, :2] if self.distilled else f[:, 0]
 
+    def sender_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) pre-norm prefix tokens: what `protocol.encode` takes with `sender_norm()`."""
+        return self.forward_features(x, final_norm=False)[:, : self.num_prefix_tokens]
+
+    def sender_norm(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The final LayerNorm, fused with int8 quantisation on the sender side."""
+        return self.norm.weight, self.norm.bias, self.norm.eps
+
     def forward_head(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Local logits (z_cls, z_dist); for a plain ViT both are the same tensor."""
         if self.distilled:
@@ -167,6 +178,29 @@ class SubViT(nn.Module):
         """Parameters a device runs (the local training head left out)."""
         skip = {id(p) for m in (self.head, self.head_dist) if m is not None for p in m.parameters()}
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+
+# ---------------------------------------------------------------------------
+# Backbones: ViT (SubViT) and CCT (devit_ext.cct.SubCCT), told apart by the config's "backbone" field
+# ---------------------------------------------------------------------------
+
+
+def teacher_config(teacher: nn.Module) -> dict:
+    """The sub-model config describing `teacher`: a timm ViT (`shapes.teacher_config`) or a CCT."""
+    return cct_teacher_config(teacher) if isinstance(teacher, CCT) else vit_teacher_config(teacher)
+
+
+def build_submodel(cfg: dict) -> nn.Module:
+    """A device's model for a config: `SubCCT` for `"backbone": "cct"`, else `SubViT`."""
+    return SubCCT(cfg) if is_cct(cfg) else SubViT(cfg)
+
+
+def teacher_tokens(teacher: nn.Module, feats: torch.Tensor, distilled: bool = False) -> list[torch.Tensor]:
+    """What the fusion map is matched to, from `teacher.forward_features`: the class (and distillation)
+    token of a ViT, the sequence-pooled vector of a CCT."""
+    if isinstance(teacher, CCT):
+        return [teacher.pool(feats)]
+    return [feats[:, 0]] + ([feats[:, 1]] if distilled else [])
 
 
 # ---------------------------------------------------------------------------
@@ -211,7 +245,7 @@ class FusionHead(nn.Module):
 class DeViT(nn.Module):
     """N class-specialised sub-models, their class groups and the fusion head."""
 
-    def __init__(self, submodels: Sequence[SubViT], class_groups: Sequence[Sequence[int]], fusion: FusionHead, meta: dict):
+    def __init__(self, submodels: Sequence[nn.Module], class_groups: Sequence[Sequence[int]], fusion: FusionHead, meta: dict):
         super().__init__()
         self.submodels = nn.ModuleList(submodels)
         self.class_groups = [[int(c) for c in g] for g in class_groups]
@@ -311,7 +345,7 @@ class DeViT(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: dict) -> "DeViT":
-        subs = [SubViT(c) for c in cfg["submodels"]]
+        subs = [build_submodel(c) for c in cfg["submodels"]]
         fcfg = cfg["fusion"]
         fusion = FusionHead(fcfg["widths"], fcfg["teacher_dim"], fcfg["num_classes"], fcfg["distilled"])
         return cls(subs, cfg["class_groups"], fusion, cfg["meta"])

@@ -34,6 +34,7 @@ import uuid
 from typing import Any, Callable
 
 from .checks import is_int, is_number
+from .cct import shapes as cct_shapes
 from .shapes import num_tokens
 
 HASH_TAG = b"devit content v2\n"
@@ -146,9 +147,58 @@ def _check_pair(name: str, v) -> None:
           f"{name}: expected [H, W] of positive ints, got {v!r}")
 
 
+def _check_cct_submodel(p: str, c: dict, header, prefix: str) -> None:
+    """A SubCCT's config against the weights' shapes (every size the model would be built with)."""
+    for key in ("embed_dim", "head_dim", "in_chans", "num_classes", "kernel_size", "stride"):
+        _need(is_int(c.get(key)) and c[key] >= 1, f"{p}.{key}: expected a positive int, got {c.get(key)!r}")
+    _need(is_int(c.get("padding")) and 0 <= c["padding"] <= c["kernel_size"], f"{p}.padding: got {c.get('padding')!r}")
+    _need(c.get("pool") == [3, 2, 1] and c.get("max_pool") is True, f"{p}.pool: expected [3, 2, 1] max-pooling")
+    _need(c.get("positional_embedding") in cct_shapes.POS_KINDS, f"{p}.positional_embedding: got {c.get('positional_embedding')!r}")
+    _need(c.get("distilled") is False and c.get("num_prefix_tokens") == 0, f"{p}: a CCT has no class or distillation token")
+    for key in ("norm_eps", "drop_rate", "attn_drop_rate", "drop_path_rate"):
+        v = c.get(key)
+        _need(is_number(v) and math.isfinite(v) and 0 <= v <= 1 and (key != "norm_eps" or v > 0), f"{p}.{key}: got {v!r}")
+    _check_pair(f"{p}.img_size", c.get("img_size"))
+    inner = c.get("conv_channels")
+    _need(isinstance(inner, list) and all(is_int(x) and x >= 1 for x in inner), f"{p}.conv_channels: got {inner!r}")
+    chans, k = [c["in_chans"], *inner, c["embed_dim"]], c["kernel_size"]
+    for j in range(len(chans) - 1):
+        w = header.get(f"{prefix}tokenizer.conv_layers.{j}.0.weight", (None, ()))[1]
+        _need(tuple(w) == (chans[j + 1], chans[j], k, k), f"{p}: tokenizer conv {j} should be "
+              f"{(chans[j + 1], chans[j], k, k)}, the weights' is {tuple(w)}")
+    try:
+        n = cct_shapes.seq_len(c)
+    except ValueError as e:
+        raise _Bad(f"{p}.{e}") from None
+    if c["positional_embedding"] != "none":
+        _need(n == _dim(header, prefix + "classifier.positional_emb", 1), f"{p}.img_size: {c['img_size']} gives {n} "
+              f"tokens, the weights' positional_emb has shape {header[prefix + 'classifier.positional_emb'][1]}")
+    _need(c["num_classes"] == _dim(header, prefix + "classifier.fc.weight", 0), f"{p}.num_classes: {c['num_classes']}, "
+          f"the weights' classifier has shape {header[prefix + 'classifier.fc.weight'][1]}")
+    blocks = c.get("blocks")
+    n_blocks = len({m.group(1) for key in header for m in [re.match(re.escape(prefix) + r"classifier\.blocks\.(\d+)\.", key)] if m})
+    _need(isinstance(blocks, list) and len(blocks) == n_blocks, f"{p}.blocks: the weights have {n_blocks} blocks")
+    for j, b in enumerate(blocks):
+        bp = f"{prefix}classifier.blocks.{j}."
+        _need(isinstance(b, dict) and is_int(b.get("num_heads")) and is_int(b.get("mlp_hidden")) and b["num_heads"] >= 1
+              and b["mlp_hidden"] >= 1, f"{p}.blocks[{j}]: expected num_heads and mlp_hidden >= 1, got {b!r}")
+        _need(3 * b["num_heads"] * c["head_dim"] == _dim(header, bp + "self_attn.qkv.weight", 0),
+              f"{p}.blocks[{j}]: {b['num_heads']} heads of {c['head_dim']}, the weights' qkv has shape "
+              f"{header[bp + 'self_attn.qkv.weight'][1]}")
+        _need(b["mlp_hidden"] == _dim(header, bp + "linear1.weight", 0),
+              f"{p}.blocks[{j}].mlp_hidden: {b['mlp_hidden']}, the weights' linear1 has shape {header[bp + 'linear1.weight'][1]}")
+
+
 def _check_submodel(i: int, c, header, prefix: str) -> None:
     p = f"submodels[{i}]"
     _need(isinstance(c, dict), f"{p}: expected a table, got {type(c).__name__}")
+    if c.get("backbone", "vit") != "vit":
+        _need(c.get("backbone") == "cct", f"{p}.backbone: expected 'vit' or 'cct', got {c.get('backbone')!r}")
+        _check_cct_submodel(p, c, header, prefix)
+        for key in ("mean", "std"):
+            if key in c:
+                _finite_list(f"{p}.{key}", c[key], c["in_chans"], positive=key == "std")
+        return
     for key in ("embed_dim", "head_dim", "in_chans", "num_classes", "num_prefix_tokens"):
         _need(is_int(c.get(key)) and c[key] >= 1, f"{p}.{key}: expected a positive int, got {c.get(key)!r}")
     for key in ("distilled", "no_embed_class", "layer_scale", "qkv_bias", "patch_bias", "pre_norm"):

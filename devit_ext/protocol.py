@@ -110,13 +110,23 @@ class TokenMessage:
 # ---------------------------------------------------------------------------
 
 
-def encode(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+def encode(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: Optional[float],
            transfer: str) -> TokenMessage:
     """Pre-norm tokens (B, T, d) -> the message: final LayerNorm, then int8 (fused) or a cast.
 
     The LayerNorm runs in fp32 whatever x's dtype (bf16/fp16 compute on the
     device), so the message depends on the compute dtype only through x.
+    `eps=None` (and no weight / bias): the tokens are final already (a CCT's
+    sequence-pooled vector follows its final norm): no LayerNorm, int8 or a cast.
     """
+    if eps is None:
+        if weight is not None or bias is not None:
+            raise ValueError("eps: None (no final norm) takes no weight or bias")
+        check_transfer(transfer)
+        if transfer == "int8":
+            q, s = ops.quantize_int8(x.float())
+            return TokenMessage("int8", q=q, scales=s)
+        return TokenMessage(transfer, tokens=x.float().to(FLOAT_TRANSFER_DTYPES[transfer]))
     if transfer == "int8":
         q, s = ops.layernorm_quantize_int8(x, weight, bias, eps)
         return TokenMessage("int8", q=q, scales=s)

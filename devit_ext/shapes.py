@@ -48,6 +48,47 @@ def vit_flops(cfg: dict, include_head: bool = False) -> int:
     return int(flops)
 
 
+def is_cct(cfg: dict) -> bool:
+    """A CCT config (`devit_ext.cct`), not a ViT's: configs without a "backbone" field are ViTs."""
+    return cfg.get("backbone", "vit") == "cct"
+
+
+def flops_of(cfg: dict, include_head: bool = False) -> int:
+    """FLOPs of one image for any backbone's config (`vit_flops`, or `devit_ext.cct.shapes.flops`)."""
+    if is_cct(cfg):
+        from .cct.shapes import flops
+
+        return flops(cfg, include_head)
+    return vit_flops(cfg, include_head)
+
+
+def params_of(cfg: dict) -> int:
+    """Parameters a device runs for any backbone's config (`vit_params`, or `devit_ext.cct.shapes.params`)."""
+    if is_cct(cfg):
+        from .cct.shapes import params
+
+        return params(cfg)
+    return vit_params(cfg)
+
+
+def head_names(cfg: dict) -> list[str]:
+    """Parameter prefixes of the teacher's classifier(s), one per fusion branch (class token, distillation)."""
+    if is_cct(cfg):
+        from .cct.shapes import HEAD
+
+        return [HEAD]
+    return ["head", "head_dist"] if cfg["distilled"] else ["head"]
+
+
+def final_norm_name(cfg: dict) -> str:
+    """Parameter prefix of the final LayerNorm (the one before the token that is sent)."""
+    if is_cct(cfg):
+        from .cct.shapes import FINAL_NORM
+
+        return FINAL_NORM
+    return "norm"
+
+
 def teacher_config(teacher: nn.Module) -> dict:
     """The SubViT config describing a timm VisionTransformer exactly, or a clear error.
 
@@ -60,7 +101,8 @@ def teacher_config(teacher: nn.Module) -> dict:
 
     supported = (
         "supported teachers: timm VisionTransformer / VisionTransformerDistilled (vit_*, deit_*, deit3_*) "
-        "with a class token, global_pool='token', no register tokens, no qk-norm, standard pre-norm blocks"
+        "with a class token, global_pool='token', no register tokens, no qk-norm, standard pre-norm blocks; "
+        "or a devit_ext CCT (devit_ext.cct: cct_7_3x1_32, ...)"
     )
     if not isinstance(teacher, VisionTransformer):
         raise TypeError(f"teacher: expected a timm VisionTransformer, got {type(teacher).__name__}; {supported}")

@@ -69,6 +69,9 @@ def build_teacher(
 
 
 def _images_shape(teacher) -> tuple[int, int, int]:
+    cfg = getattr(teacher, "cfg", None)
+    if isinstance(cfg, dict) and cfg.get("backbone") == "cct":  # a devit_ext CCT: no patch embedding
+        return (int(cfg["in_chans"]), *map(int, cfg["img_size"]))
     pe = teacher.patch_embed
     h, w = pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size, pe.img_size)
     return (pe.proj.in_channels, int(h), int(w))

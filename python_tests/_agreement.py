@@ -21,12 +21,14 @@ def reference(model, images, missing=()):
 
 @torch.no_grad()
 def int8_oracle(model, images, missing=()):
-    """The int8 semantics exactly: reference LayerNorm+quantise of each device's tokens, dequantised, fused in fp32."""
+    """The int8 semantics exactly: reference LayerNorm+quantise of each device's tokens (a CCT's pooled vector:
+    quantise alone), dequantised, fused in fp32."""
     x = common.normalise_images(model, images)
     toks = []
     for i, sub in enumerate(model.submodels):
-        f = sub.forward_features(x, final_norm=False)[:, : (2 if model.distilled else 1)]
-        q, s = R.layernorm_quantize_int8(f, sub.norm.weight, sub.norm.bias, sub.norm.eps)
+        f = sub.sender_tokens(x)  # ViT: pre-norm prefix tokens; CCT: the pooled vector, no norm left
+        w, b, eps = sub.sender_norm()
+        q, s = R.quantize_int8(f) if eps is None else R.layernorm_quantize_int8(f, w, b, eps)
         t = R.dequantize_int8(q, s)
         t = t if model.distilled else t[:, 0]
         toks.append(torch.zeros_like(t) if i in missing else t)

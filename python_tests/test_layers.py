@@ -19,11 +19,12 @@ SOURCES = {"devit_ext": ROOT / "devit_ext", "devit_ext.kernels": ROOT / "kernels
 
 # lowest first; a name claims the module of that name and everything under it
 LAYERS = [
-    ("ground: build, checks, shapes", ["devit_ext._version", "devit_ext._build", "devit_ext.checks", "devit_ext.shapes"]),
+    ("ground: build, checks, shapes", ["devit_ext._version", "devit_ext._build", "devit_ext.checks", "devit_ext.shapes",
+                                        "devit_ext.cct.shapes"]),
     ("ground: kernels", ["devit_ext.kernels"]),
     ("ground: ops", ["devit_ext.ops"]),
     ("ground: protocol", ["devit_ext.protocol", "devit_ext.wire", "devit_ext.auth"]),
-    ("model", ["devit_ext.model", "devit_ext.model_files"]),
+    ("model", ["devit_ext.model", "devit_ext.model_files", "devit_ext.cct"]),
     ("methods", ["devit_ext.budgets", "devit_ext.decomposition", "devit_ext.importance", "devit_ext.partition", "devit_ext.data",
                  "devit_ext.checkpoint", "devit_ext.teacher", "devit_ext.dekd",
                  "devit_ext.training", "devit_ext.engines"]),

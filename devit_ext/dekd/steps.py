@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from ..model import teacher_tokens
 from ..training.recipe import label_loss
 from ..protocol import fake_quant_int8, fused_logits
 from .losses import QKVCapture, distillation_loss, head_dim, qkv_relation_loss, token_mse
@@ -23,17 +24,17 @@ from .losses import QKVCapture, distillation_loss, head_dim, qkv_relation_loss, 
 
 @torch.no_grad()
 def teacher_targets(teacher, images: torch.Tensor, distilled: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(logits fp32 (B, C), the token(s) the fused map is matched to: [class token] or [class, distillation])."""
+    """(logits fp32 (B, C), the token(s) the fused map is matched to: [class token] or [class, distillation];
+    a CCT teacher's [sequence-pooled vector])."""
     feats = teacher.forward_features(images)
     logits = teacher.forward_head(feats).float()
-    tokens = [feats[:, 0].float()] + ([feats[:, 1].float()] if distilled else [])
-    return logits, tokens
+    return logits, [t.float() for t in teacher_tokens(teacher, feats, distilled)]
 
 
 def distill_loss(student, images, labels, teacher_logits, teacher_qkv: dict, *, pairs: Sequence[tuple[int, int]],
                  teacher_head_dims: dict, alpha: float = 0.5, kind: str = "hard", temperature: float = 1.0,
                  relation_weights: Sequence[float] = (0.2, 0.1, 0.3), label_smoothing: float = 0.0) -> dict:
-    """Stage-3 loss of one student (a SubViT) on a batch of its group; labels are local class indices."""
+    """Stage-3 loss of one student (a SubViT or SubCCT) on a batch of its group; labels are local class indices."""
     cap = QKVCapture(student, [a for a, _ in pairs])
     try:
         z_cls, z_dist = student.forward_head(student.forward_tokens(images))

@@ -30,8 +30,10 @@ from typing import Any
 import torch
 
 from .. import ops, protocol
+from ..shapes import is_cct
 from . import common
 from .stacked import SenderStack
+from .stacked_cct import CCTSenderStack
 
 ENGINE_OPTS = ("cuda_graphs", "max_bucket", "compile", "backend")
 BACKENDS = ("torch", "onnxruntime", "auto")
@@ -57,9 +59,20 @@ class LocalEngine:
         self.num_classes = model.num_classes
         self.in_chans, self.img_size = model.in_chans, tuple(model.img_size)
         self.compiled = bool(compile)
-        self.backend, self.backend_note = self._pick_backend(backend)
+        kinds = {is_cct(s.cfg) for s in model.submodels}
+        if len(kinds) > 1:
+            raise ValueError("model: mixes ViT and CCT sub-models; the local engine runs one backbone")
+        self.cct = kinds == {True}
+        if self.cct and backend == "onnxruntime":
+            raise ValueError("backend: 'onnxruntime' runs ViT sub-models only; a DeViT of CCTs runs on backend='torch'")
+        self.backend, self.backend_note = ("torch", "sender side on torch (CCT: stacked grouped convs + batched "
+                                           "matmuls" + ("; auto: the onnxruntime sender runs ViTs only)" if backend == "auto" else ")")) if self.cct else self._pick_backend(backend)
         with torch.no_grad():
-            if self.backend == "onnxruntime":
+            if self.cct:
+                self.sender = CCTSenderStack(list(model.submodels), device, dtype, ops.subvit_attention)
+                self._sender = torch.compile(self.sender, dynamic=False) if self.compiled else self.sender
+                self.norms = [self.sender.final_norm(m) for m in range(self.num_devices)]
+            elif self.backend == "onnxruntime":
                 from .ort_sender import OrtSender
 
                 # no stacked copy of the weights: onnxruntime holds its own
@@ -252,7 +265,8 @@ def run(model, images: torch.Tensor, request: common.Request, *, return_stats: b
     if timing["events"]:
         timing["compute_s"] = sum(a.elapsed_time(b) for a, b, _ in timing["events"]) / 1e3
         timing["fusion_s"] = sum(b.elapsed_time(c) for _, b, c in timing["events"]) / 1e3
-    used = ("layernorm_quantize_int8", "subvit_attention", "ensemble_fusion") if transfer == "int8" else ("subvit_attention",)
+    quant = "quantize_int8" if eng.cct else "layernorm_quantize_int8"  # a CCT's pooled vector needs no final norm
+    used = (quant, "subvit_attention", "ensemble_fusion") if transfer == "int8" else ("subvit_attention",)
     if eng.backend == "onnxruntime":  # attention runs inside the onnxruntime graph
         used = tuple(u for u in used if u != "subvit_attention")
     stats = common.Stats(

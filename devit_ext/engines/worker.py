@@ -242,9 +242,8 @@ class _Worker:
         t0 = time.perf_counter()
         with torch.inference_mode():
             x = common.normalise_images(self.model, images, dtype=dtype, device=self.device)
-            f = self._sub(dtype).forward_features(x, final_norm=False)[:, : self.tokens]  # (B, T, d) pre-norm
-            norm = self.sub.norm
-            msg = protocol.encode(f, norm.weight, norm.bias, norm.eps, transfer)
+            f = self._sub(dtype).sender_tokens(x)  # (B, T, d): ViT pre-norm prefix tokens, CCT pooled vector
+            msg = protocol.encode(f, *self.sub.sender_norm(), transfer)  # CCT: no norm left (eps None)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
