@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from devit_ext.bench.e2e import build_devit, make_teacher
+from devit_ext import build_info
 from devit_ext.engines import collaborate, local, ort_sender
 
 ORT = pytest.importorskip("onnxruntime", reason="the onnxruntime sender needs onnxruntime (extras: export)")
@@ -99,7 +100,16 @@ def test_falls_back_visibly_without_onnxruntime(model, images, monkeypatch):
     torch.testing.assert_close(out, collaborate(model, images, backend="torch"))
     with pytest.raises(RuntimeError, match="onnxruntime"):
         collaborate(model, images, backend="onnxruntime")
+    info = build_info()  # build_info says the same: no onnxruntime, and auto runs on torch
+    assert info["onnxruntime"] is None and "onnxruntime" in info["onnxruntime_error"]
+    assert info["local_backend_cpu"].startswith("torch (auto: onnxruntime unavailable: onnxruntime")
     local.clear_cache()
+
+
+def test_build_info_names_onnxruntime_and_the_auto_backend():
+    info = build_info()
+    assert info["onnxruntime"] == ORT.__version__ and info["onnxruntime_error"] is None
+    assert info["local_backend_cpu"] == "onnxruntime"  # CPU float32 without compile, onnxruntime importable
 
 
 def test_bad_backend_requests(model, images):

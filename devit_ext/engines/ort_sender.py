@@ -19,7 +19,6 @@ engine reports the sender path it took (`LocalEngine.backend`, `Stats.extra`).
 """
 from __future__ import annotations
 
-import importlib
 import os
 import tempfile
 import warnings
@@ -29,17 +28,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import dispatch
+
 OPSET = 18
 
 
 def available() -> tuple[bool, str]:
     """(True, onnxruntime version) when onnxruntime, onnx and onnxscript import here, else (False, why)."""
-    for name in ("onnxruntime", "onnx", "onnxscript"):  # onnxscript: torch's dynamo ONNX exporter
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # noqa: BLE001 - any import failure means the backend is unavailable
-            return False, f"{name}: {type(e).__name__}: {e}"
-    return True, str(importlib.import_module("onnxruntime").__version__)
+    return dispatch.onnxruntime_status()
 
 
 def _prefix_only_block(blk: nn.Module, x: torch.Tensor, T: int) -> torch.Tensor:
