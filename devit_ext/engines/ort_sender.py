@@ -10,9 +10,8 @@ prefix tokens only, as on the torch path): the final LayerNorm and the int8 quan
 both paths send the same kind of message and differ only by fp32 rounding of the
 tokens.
 
-The export is done here with `torch.onnx.export(dynamo=True)` rather than with
-`devit_ext.export` because that module sits in the top layer (it imports the
-CLI-facing manifest code) and engines may only import downwards.
+The export (`onnx_bytes`) lives here, below the top layer, so the engines can use
+it; `devit_ext.export` writes its ONNX files with the same function.
 
 onnxruntime is optional: `available()` says whether it imports, and the local
 engine reports the sender path it took (`LocalEngine.backend`, `Stats.extra`).
@@ -87,13 +86,15 @@ def session_options(threads: int):
     return so
 
 
-def onnx_bytes(module: nn.Module, example: torch.Tensor, opset: int = OPSET) -> bytes:
-    """The module exported to ONNX (dynamic batch on input 0, named "images" -> "tokens")."""
+def onnx_bytes(module: nn.Module, example: torch.Tensor, opset: int = OPSET, in_name: str = "images",
+               out_name: str = "tokens") -> bytes:
+    """The module exported to ONNX with torch's dynamo exporter: dynamic batch on its one input, named
+    `in_name` -> `out_name` (also what `devit_ext.export` writes to its files)."""
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = os.path.join(d, "senders.onnx")
-        prog = torch.onnx.export(module, (example,), None, input_names=["images"], output_names=["tokens"],
+        prog = torch.onnx.export(module, (example,), None, input_names=[in_name], output_names=[out_name],
                                  opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},),
                                  verbose=False)
         prog.save(path)

@@ -1,6 +1,7 @@
 """One edge device of a distributed run: `devit-ext worker` (or `python -m devit_ext.engines.worker`).
 
     devit-ext worker --rank R --world-size W --init-method tcp://HOST:PORT --model PATH [--device cpu|cuda] [--timeout S]
+                     [--runtime torch|onnxruntime|executorch]
 
 Rank 0 is the aggregator (the process calling `collaborate(..., engine="distributed")`);
 rank R >= 1 runs device R - 1's sub-model of the saved DeViT at PATH. Under
@@ -38,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds for the rendezvous and for each transfer (default 60); between batches a worker waits indefinitely")
     p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"), help="torch.distributed backend (default gloo)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime", "executorch"),
+                   help="what runs the sub-model up to its int8 token (engines/runtime.py; onnxruntime and "
+                        "executorch: CPU, float32 compute); the message is the same (default torch)")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # spawned: exit with the aggregator
 
 
@@ -90,7 +94,7 @@ def run(args) -> int:
         _say(prefix, str(e))
         return EXIT_USAGE
     try:
-        w = _Worker(args.model, rank, world, args.device, args.timeout)
+        w = _Worker(args.model, rank, world, args.device, args.timeout, getattr(args, "runtime", "torch"))
     except Exception as e:  # noqa: BLE001 - a worker reports and exits
         _say(prefix, f"cannot start: {type(e).__name__}: {e}")
         return EXIT_USAGE
@@ -144,11 +148,12 @@ def _env_int(name: str) -> int | None:
 
 
 class _Worker:
-    def __init__(self, path: str, rank: int, world: int, device: str, timeout: float):
+    def __init__(self, path: str, rank: int, world: int, device: str, timeout: float, runtime: str = "torch"):
         import torch
 
         from .. import protocol
         from ..model import load
+        from .runtime import SubModelRunner
 
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -166,6 +171,7 @@ class _Worker:
         self.width = self.sub.embed_dim
         self.timeout = float(timeout)
         self._cast: dict = {}
+        self.runner = SubModelRunner(self.sub, runtime, device=self.device, threads=torch.get_num_threads())
 
     def _sub(self, dtype):
         import torch
@@ -196,7 +202,13 @@ class _Worker:
         t0 = time.perf_counter()
         with torch.inference_mode():
             x = common.normalise_images(self.model, images, dtype=dtype, device=self.device)
-            f = self._sub(dtype).forward_features(x, final_norm=False)[:, : self.tokens]  # (B, T, d) pre-norm
+            if self.runner.runtime == "torch":
+                f = self._sub(dtype).forward_features(x, final_norm=False)[:, : self.tokens]  # (B, T, d) pre-norm
+            elif dtype != torch.float32:
+                raise ValueError(f"--runtime {self.runner.runtime} computes in float32; the aggregator asked "
+                                 f"for {dtype} (use dtype=torch.float32 or --runtime torch)")
+            else:
+                f = self.runner(x)  # (B, T, d) pre-norm, same as the torch path up to fp32 rounding
             norm = self.sub.norm
             msg = protocol.encode(f, norm.weight, norm.bias, norm.eps, transfer)
             if self.device.type == "cuda":
