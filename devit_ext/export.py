@@ -22,10 +22,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from .engines.runtime import MAX_BATCH_EXECUTORCH  # ExecuTorch plans memory for a bounded batch
+
 FORMATS = {"onnx": ".onnx", "executorch": ".pte"}
 _NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "executorch": ("executorch",)}
 DEFAULT_OPSET = 18
-MAX_BATCH_EXECUTORCH = 256  # ExecuTorch plans memory for a bounded dynamic batch
 
 
 class ExportError(RuntimeError):
@@ -70,32 +71,23 @@ def require(fmt: str) -> None:
 
 
 def _export_onnx(module: nn.Module, example: torch.Tensor, path: str, in_name: str, out_name: str, opset: int) -> None:
-    import warnings
+    # one exporter for the files and for the engines' onnxruntime paths (engines/ort_sender.py)
+    from .engines.ort_sender import onnx_bytes
 
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(module, (example,), None, input_names=[in_name], output_names=[out_name],
-                                 opset_version=opset, dynamo=True, dynamic_shapes={_arg(module): {0: batch}},
-                                 verbose=False)
-    prog.save(path)
+    _write(path, onnx_bytes(module, example, opset, in_name=in_name, out_name=out_name))
 
 
 def _export_executorch(module: nn.Module, example: torch.Tensor, path: str) -> None:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    from .engines.runtime import executorch_bytes  # the worker's --runtime executorch uses the same lowering
 
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH_EXECUTORCH)
-    ep = torch.export.export(module, (example,), dynamic_shapes={_arg(module): {0: batch}})
-    prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    _write(path, executorch_bytes(module, example, MAX_BATCH_EXECUTORCH))
+
+
+def _write(path: str, data: bytes) -> None:
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(prog.buffer)
+        f.write(data)
     os.replace(tmp, path)
-
-
-def _arg(module: nn.Module) -> str:
-    return "images" if isinstance(module, DeviceTokens) else "tokens"
 
 
 class Runner:

@@ -145,7 +145,7 @@ class _Rows:
 
 
 def run(device: str, quick: bool) -> list[Table]:
-    return [_run_gpu(quick) if device == "cuda" else _run_cpu(quick)]
+    return [_run_gpu(quick)] if device == "cuda" else _run_cpu(quick)
 
 
 def _run_gpu(quick: bool) -> Table:
@@ -209,7 +209,7 @@ def _run_gpu(quick: bool) -> Table:
     return t
 
 
-def _run_cpu(quick: bool) -> Table:
+def _run_cpu(quick: bool) -> list[Table]:
     from .e2e_cpu import run_cpu  # imports only _e2e_models and timing, not this module
 
     return run_cpu(quick, _env_list)

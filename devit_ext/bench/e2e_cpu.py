@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from ._e2e_rows import Setting, _ort_fn, _Tokens  # noqa: F401 - re-exported for scripts/
 from .timing import Table
 
 QUIET_CORES = 0.5
@@ -110,93 +111,44 @@ def interleave(table: Table, batch: int, entries, inputs, rounds: int, warmup: i
                   min_ms=min(spread) * 1e3, max_ms=max(spread) * 1e3,
                   speedup=(base / s) if base else "-", speedup_vs_ort=(ort_base / s) if ort_base else "-",
                   rounds=which, others_load=f"{statistics.median(loads):.2f} ({min(loads):.2f}-{max(loads):.2f})",
+                  others_load_rounds=" ".join(f"{c:.2f}" for c in load),
                   setup_s=setup[name], note=note() if callable(note) else note)
     return med
 
 
-def _ort_fn(module, example):
-    """An onnxruntime callable for `module` (input images -> one output), spinning off."""
-    from ..engines import ort_sender
-
-    sess = ort_sender.make_session(ort_sender.onnx_bytes(module.eval(), example))
-    return lambda x: torch.from_numpy(sess.run(None, {"images": x.contiguous().numpy()})[0])
-
-
-class _Tokens(torch.nn.Module):
-    def __init__(self, sub):
-        super().__init__()
-        self.sub = sub
-
-    def forward(self, images):
-        return self.sub.forward_tokens(images)
-
-
-def run_cpu(quick: bool, env_list) -> Table:
-    from ..engines import collaborate, ort_sender
-    from ..shapes import teacher_config, vit_flops
-    from ._e2e_models import CPU_TEACHER, NUM_DEVICES, PlainStacked, _inputs, build_devit, default_cpu_shape, make_teacher
+def run_cpu(quick: bool, env_list) -> list[Table]:
+    from ._e2e_models import _inputs
+    from ._e2e_rss import rss_rows
+    from ._e2e_targets import targets
 
     skip = set(env_list("DEVIT_E2E_SKIP"))
-    batches = [int(b) for b in env_list("DEVIT_E2E_BATCHES")] or ([8] if quick else [1, 8, 32])
+    batches = [int(b) for b in env_list("DEVIT_E2E_BATCHES")] or ([1, 8] if quick else [1, 8, 32])
     rounds = int(os.environ.get("DEVIT_E2E_ROUNDS", "3" if quick else "7"))
     img = int(os.environ.get("DEVIT_E2E_IMG") or 224)  # smaller for smoke runs; the title says which
-    teacher = make_teacher(CPU_TEACHER, img_size=img)
-    shape, how = default_cpu_shape(teacher)
-    model = build_devit(teacher, [shape] * NUM_DEVICES)
-    frac = sum(model.flops()) / vit_flops(teacher_config(teacher))
-    ort_ok, ort_why = ort_sender.available()
-    if "ort" in skip:
-        ort_ok, ort_why = False, "DEVIT_E2E_SKIP=ort"
-    t = Table(f"e2e cpu: {CPU_TEACHER} ({img} px) vs {NUM_DEVICES}x(d={shape['embed_dim']},H={shape['num_heads']},"
-              f"L={shape['depth']},mlp={shape['mlp_hidden']}) = {frac:.0%} of the teacher's FLOPs [{how}], fp32, "
-              f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start; "
-              f"onnxruntime: {ort_why}")
-    box: dict = {}
-
-    def engine(backend):
-        def fn(x):
-            out, st = collaborate(model, x, backend=backend, return_stats=True)
-            box[backend] = st
-            return out
-        return fn
-
-    def engine_note(backend):
-        def note():
-            st = box.get(backend)
-            if st is None:
-                return ""
-            ops_ = ", ".join(f"{k}={v.split(' (')[0]}" for k, v in st.op_paths.items())
-            return f"sender={st.extra['sender_backend']}; {st.transfer_bytes_per_image[0]} B/image/device; {ops_}"
-        return note
-
-    example = _inputs(2, model, "cpu", torch.float32, n=1)[0]
-    entries = [("teacher eager (timm)", teacher, "baseline of speedup")]
-    if "compile" not in skip:
-        entries.append(("teacher torch.compile", torch.compile(teacher), "inductor, default mode"))
-    if ort_ok:
-        with torch.no_grad():
-            entries.append(("teacher onnxruntime", _ort_fn(teacher, example), "baseline of speedup_vs_ort"))
-    entries.append(("naive loop eager", model, "DeViT.forward: the sub-models one after the other"))
-    if ort_ok:
-        with torch.no_grad():
-            subs = [_ort_fn(_Tokens(s), example) for s in model.submodels]
-
-        def seq(x):
-            return model.fusion([f(x) for f in subs])
-        entries.append(("sub-models one after the other in onnxruntime", seq, "4 sessions + fusion head in torch"))
-    entries.append(("plain stacked eager", PlainStacked(model), ""))
-    entries.append(("local engine (ours, int8, torch sender)", engine("torch"), engine_note("torch")))
-    if ort_ok:
-        entries.append(("local engine (ours, int8, onnxruntime sender)", engine("onnxruntime"),
-                        engine_note("onnxruntime")))
-    else:
-        t.add(row="local engine (ours, int8, onnxruntime sender)", ms="-", note=f"skipped: {ort_why}")
-    if "distributed" not in skip:
-        def dist(x):
-            return collaborate(model, x, engine="distributed", spawn=True, timeout=60.0)
-        entries.append(("distributed engine (loopback, spawned workers)", dist, ""))
-    else:
-        t.add(row="distributed engine (loopback, spawned workers)", ms="-", note="skipped: DEVIT_E2E_SKIP")
+    # peak RSS: one fresh subprocess per row (seconds each): on by default, off for --quick
+    rss = os.environ.get("DEVIT_E2E_RSS", "0" if quick else "1") not in ("", "0")
+    st = Setting(skip, img)
+    t = Table(st.title)
+    entries = []
+    for name, make, note in st.rows():
+        try:
+            with torch.no_grad():
+                entries.append((name, make(), note))
+        except Exception as e:  # noqa: BLE001 - the row says what failed; nothing is faked
+            t.add(row=name, ms="-", note=f"failed to build: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    for name, why in st.skipped:
+        t.add(row=name, ms="-", note=f"skipped: {why}")
+    meds = {}
     for b in batches:
-        interleave(t, b, entries, _inputs(b, model, "cpu", torch.float32, n=2), rounds=rounds)
-    return t
+        meds[b] = interleave(t, b, entries, _inputs(b, st.model, "cpu", torch.float32, n=2), rounds=rounds)
+    rss_table = rss_rows([n for n, _, _ in entries], max(batches), img, skip) if rss else None
+    if rss_table is not None:  # each row's peak RSS next to its times
+        peaks = {r["row"]: r for r in rss_table.rows}
+        for r in t.rows:
+            p = peaks.get(r["row"])
+            if p is not None and "peak_rss_mb" in p:
+                r["peak_rss_mb"], r["rss_above_imports_mb"] = p["peak_rss_mb"], p["rss_above_imports_mb"]
+    tables = [t, targets(meds, rss_table, batches)]
+    if rss_table is not None:
+        tables.insert(1, rss_table)
+    return tables

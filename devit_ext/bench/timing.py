@@ -77,7 +77,8 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     bi = build_info()
-    info["build"] = {k: bi[k] for k in ("cpp", "cuda_compiled", "cuda_available", "triton", "triton_interpret") if k in bi}
+    info["build"] = {k: bi[k] for k in ("cpp", "cuda_compiled", "cuda_available", "triton", "triton_interpret",
+                                                  "onnxruntime", "local_backend_cpu") if k in bi}
     return info
 
 

@@ -100,28 +100,12 @@ class LocalEngine:
         self._pool = None
 
     def _pick_backend(self, backend: str) -> tuple[str, str]:
-        """(backend the sender side runs on, why): "auto" takes onnxruntime on a CPU in fp32 when it imports."""
-        from .ort_sender import available
+        """(backend the sender side runs on, why): the rule is `ops.dispatch.local_backend` (build_info
+        reports what "auto" gives there)."""
+        from ..ops import dispatch
 
-        cpu32 = self.device.type == "cpu" and self.dtype == torch.float32
-        if backend == "torch":
-            return "torch", "sender side on torch (stacked batched matmuls)"
-        ok, why = available()
-        if backend == "onnxruntime":
-            if not cpu32:
-                raise ValueError(f"backend: 'onnxruntime' runs the sender side on the CPU in float32, "
-                                 f"got device={self.device}, dtype={self.dtype}")
-            if self.compiled:
-                raise ValueError("backend: 'onnxruntime' and compile=True exclude each other")
-            if not ok:
-                raise RuntimeError(f"backend='onnxruntime': onnxruntime does not import here ({why}); "
-                                   "pip install \"devit-ext[export]\" or use backend='torch'")
-            return "onnxruntime", ""
-        if not cpu32 or self.compiled:
-            return "torch", "sender side on torch (auto: onnxruntime only for CPU float32 without compile)"
-        if not ok:
-            return "torch", f"sender side on torch (auto: onnxruntime unavailable: {why})"
-        return "onnxruntime", ""
+        name, why = dispatch.local_backend(backend, self.device, self.dtype, self.compiled)
+        return name, (f"sender side on torch (stacked batched matmuls; {why})" if name == "torch" else why)
 
     # -- the two halves --------------------------------------------------
     def send(self, images: torch.Tensor) -> list[protocol.TokenMessage]:

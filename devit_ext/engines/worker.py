@@ -2,6 +2,7 @@
 
     devit-ext worker --rank R --world-size W --init-method tcp://HOST:PORT --model PATH [--device cpu|cuda] [--timeout S]
                      [--secret-file PATH | $DEVIT_SECRET] [--insecure]
+                     [--runtime torch|onnxruntime|executorch]
 
 Rank 0 is the aggregator (the process calling `collaborate(..., engine="distributed")`);
 rank R >= 1 runs device R - 1's sub-model of the saved DeViT at PATH. Under
@@ -56,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="file holding the secret shared with the aggregator (default: $DEVIT_SECRET)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --init-method without a secret (unauthenticated: trusted networks only)")
+    p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime", "executorch"),
+                   help="what runs the sub-model up to its int8 token (engines/runtime.py; onnxruntime and "
+                        "executorch: CPU, float32 compute); the message is the same (default torch)")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # spawned: exit with the aggregator
 
 
@@ -123,7 +127,7 @@ def run(args) -> int:
         _say(prefix, f"--init-method {init}: {e}")
         return EXIT_USAGE
     try:
-        w = _Worker(args.model, rank, world, args.device, args.timeout, secret)
+        w = _Worker(args.model, rank, world, args.device, args.timeout, secret, getattr(args, "runtime", "torch"))
     except Exception as e:  # noqa: BLE001 - a worker reports and exits
         _say(prefix, f"cannot start: {type(e).__name__}: {e}")
         return EXIT_USAGE
@@ -188,11 +192,13 @@ def _env_int(name: str) -> int | None:
 
 
 class _Worker:
-    def __init__(self, path: str, rank: int, world: int, device: str, timeout: float, secret: bytes | None = None):
+    def __init__(self, path: str, rank: int, world: int, device: str, timeout: float, secret: bytes | None = None,
+                 runtime: str = "torch"):
         import torch
 
         from .. import protocol
         from ..model import load
+        from .runtime import SubModelRunner
 
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -212,6 +218,7 @@ class _Worker:
         self.secret = secret
         self.rank = rank
         self._cast: dict = {}
+        self.runner = SubModelRunner(self.sub, runtime, device=self.device, threads=torch.get_num_threads())
 
     def _sub(self, dtype):
         import torch
@@ -242,7 +249,13 @@ class _Worker:
         t0 = time.perf_counter()
         with torch.inference_mode():
             x = common.normalise_images(self.model, images, dtype=dtype, device=self.device)
-            f = self._sub(dtype).sender_tokens(x)  # (B, T, d): ViT pre-norm prefix tokens, CCT pooled vector
+            if self.runner.runtime == "torch":
+                f = self._sub(dtype).sender_tokens(x)  # (B, T, d): ViT pre-norm prefix tokens, CCT pooled vector
+            elif dtype != torch.float32:
+                raise ValueError(f"--runtime {self.runner.runtime} computes in float32; the aggregator asked "
+                                 f"for {dtype} (use dtype=torch.float32 or --runtime torch)")
+            else:
+                f = self.runner(x)  # (B, T, d) pre-norm, same as the torch path up to fp32 rounding
             msg = protocol.encode(f, *self.sub.sender_norm(), transfer)  # CCT: no norm left (eps None)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)

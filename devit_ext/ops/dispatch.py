@@ -16,6 +16,7 @@ launches Triton. This module reads both.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -90,6 +91,51 @@ def op_paths(device="cpu", names=OP_NAMES) -> dict:
     return {name: fused.get(name, quant) for name in names}
 
 
+# what the onnxruntime paths import: the runtime, and onnx + onnxscript for torch's dynamo ONNX exporter
+ORT_MODULES = ("onnxruntime", "onnx", "onnxscript")
+
+
+def onnxruntime_status() -> tuple[bool, str]:
+    """(True, onnxruntime version) when onnxruntime, onnx and onnxscript import here, else (False, why).
+
+    Not cached: a test (or a user) that hides a module sees the answer change.
+    """
+    for name in ORT_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any import failure means the runtime is unavailable
+            return False, f"{name}: {type(e).__name__}: {e}"
+    return True, str(importlib.import_module("onnxruntime").__version__)
+
+
+def local_backend(backend: str, device: torch.device, dtype: torch.dtype, compiled: bool) -> tuple[str, str]:
+    """(sender backend of the local engine, why) for `backend` in torch | onnxruntime | auto; why is the
+    onnxruntime version, or the reason torch was taken.
+
+    "auto" takes onnxruntime for CPU float32 without compile when it imports, else torch and says why.
+    An explicit "onnxruntime" that cannot run raises (no silent fallback).
+    """
+    cpu32 = device.type == "cpu" and dtype == torch.float32
+    if backend == "torch":
+        return "torch", "asked for"
+    ok, why = onnxruntime_status()
+    if backend == "onnxruntime":
+        if not cpu32:
+            raise ValueError(f"backend: 'onnxruntime' runs the sender side on the CPU in float32, "
+                             f"got device={device}, dtype={dtype}")
+        if compiled:
+            raise ValueError("backend: 'onnxruntime' and compile=True exclude each other")
+        if not ok:
+            raise RuntimeError(f"backend='onnxruntime': onnxruntime does not import here ({why}); "
+                               "pip install \"devit-ext[export]\" or use backend='torch'")
+        return "onnxruntime", f"onnxruntime {why}"
+    if not cpu32 or compiled:
+        return "torch", "auto: onnxruntime only for CPU float32 without compile"
+    if not ok:
+        return "torch", f"auto: onnxruntime unavailable: {why}"
+    return "onnxruntime", f"onnxruntime {why}"
+
+
 def build_info() -> dict[str, Any]:
     """A dict describing the build and the paths the ops take on this machine.
 
@@ -98,7 +144,10 @@ def build_info() -> dict[str, Any]:
     (importable), triton_interpret (interpreter on), openmp, native_error, and one
     key per op family naming the path it takes (quant_cpu, quant_cuda), and
     ops_cpu / ops_cuda: every op's implementation for CPU / CUDA tensors
-    (`op_paths`), so a fallback to the reference is never silent.
+    (`op_paths`), so a fallback to the reference is never silent; onnxruntime
+    (its version, or None) with onnxruntime_error (why it does not import), and
+    local_backend_cpu: what the local engine's `backend="auto"` runs on for CPU
+    float32 ("onnxruntime" or "torch (why)").
     """
     from ..kernels import _launch
 
@@ -110,6 +159,8 @@ def build_info() -> dict[str, Any]:
     else:
         quant_cpu = "cpp"
         quant_cuda = "cuda" if cuda_compiled else "reference (CUDA kernels not compiled)"
+    ort_ok, ort = onnxruntime_status()
+    auto, auto_why = local_backend("auto", torch.device("cpu"), torch.float32, False)
     return {
         "version": __version__,
         "torch": torch.__version__,
@@ -129,4 +180,7 @@ def build_info() -> dict[str, Any]:
         "quant_cuda": quant_cuda,
         "ops_cpu": op_paths("cpu"),
         "ops_cuda": op_paths("cuda"),
+        "onnxruntime": ort if ort_ok else None,
+        "onnxruntime_error": None if ort_ok else ort,
+        "local_backend_cpu": auto if auto == "onnxruntime" else f"{auto} ({auto_why})",
     }
