@@ -80,6 +80,8 @@ class SubModelRunner:
         self.sub = sub
         if runtime == "torch":
             return
+        if self.T == 0:  # a CCT sends its pooled vector: the ONNX/ExecuTorch sender covers ViT prefix tokens only
+            raise ValueError(f"runtime {runtime!r}: CCT sub-models run on runtime 'torch' only")
         if self.device.type != "cpu":
             raise ValueError(f"runtime {runtime!r} runs on the CPU, got device {self.device}")
         c = sub.cfg
