@@ -252,5 +252,5 @@ def device_message(spec: dict, token, device: int, batch_id: int, compute_s: flo
     payload = scales.astype("<f4").tobytes() + q.tobytes()
     head = struct.pack(spec["header_struct"], spec["magic"].encode(), spec["version"], spec["kind_tokens"],
                        spec["transfer_int8"], bytes.fromhex(spec["model_hash16"]), device, T, d, batch_id, B,
-                       len(payload), float(compute_s))
+                       len(payload), float(compute_s), 0)  # flags 0: an unsealed message
     return head + payload
