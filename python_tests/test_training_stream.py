@@ -208,7 +208,9 @@ def test_a_data_set_larger_than_memory_budget_streams_in_bounded_rss(tmp_path):
     # one thread and at most 2 malloc arenas: glibc gives allocating threads arenas of their own, and freed
     # batch buffers kept in them count as RSS. One run inside the loaded full suite peaked at 2.1 GB where
     # every other run (alone, in pytest or not) peaked at 1.05 GB; the test is about what the trainer holds
-    env = dict(os.environ, MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="1")
+    # a hermetic environment: only what the child needs, so variables left by earlier tests cannot change the run
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH", "TMPDIR") if k in os.environ}
+    env.update(MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env,
                          cwd=str(tmp_path))  # not the checkout: `-c` puts the cwd first on sys.path
     assert out.returncode == 0, out.stderr[-3000:]
