@@ -9,6 +9,7 @@ are quick; every wait is bounded and a watchdog ends a hung test.
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import socket
@@ -27,13 +28,23 @@ SECRET = b"0123456789abcdef-shared-secret"
 WIDTH = 16
 
 
+@contextlib.contextmanager
+def bounded(monkeypatch, seconds: float, shutdown: bool = True):
+    """No secret from the caller's environment; a hung test dumps its stacks and exits after `seconds`."""
+    monkeypatch.delenv(auth.ENV, raising=False)
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        if shutdown:
+            D.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _bounded(monkeypatch):
-    monkeypatch.delenv(auth.ENV, raising=False)
-    faulthandler.dump_traceback_later(TEST_BOUND_S, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
-    D.shutdown()
+    with bounded(monkeypatch, TEST_BOUND_S):
+        yield
 
 
 def one_device_model(devices: int = 1) -> DeViT:

@@ -16,10 +16,15 @@ from devit_ext.model import ModelFileError
 def teacher(convs=2, pos="learnable", seed=0):
     cfg = make_config(embed_dim=32, depth=3, num_heads=2, mlp_ratio=2, kernel_size=3, n_conv_layers=convs, img_size=8,
                       in_chans=1, num_classes=6, positional_embedding=pos)
+    return random_cct(cfg, seed)
+
+
+def random_cct(cfg: dict, seed: int) -> CCT:
+    """A CCT in eval mode from `seed`, with informative norms and biases (the init zeroes them); global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         t = CCT(cfg).eval()
-        with torch.no_grad():  # informative norms and biases (the init zeroes them)
+        with torch.no_grad():
             for n, p in t.named_parameters():
                 if n.endswith("bias") or "norm" in n:
                     p.add_(0.2 * torch.randn(p.shape))

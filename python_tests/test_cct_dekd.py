@@ -14,6 +14,8 @@ from devit_ext.cct import CCT, make_config
 from devit_ext.dekd.config import relation_pairs
 from devit_ext.dekd.steps import distill_loss, ensemble_loss, teacher_targets
 
+from test_cct_decompose import random_cct
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -27,13 +29,7 @@ def one_thread():
 def tiny(seed=0):
     cfg = make_config(embed_dim=32, depth=4, num_heads=2, mlp_ratio=2, kernel_size=3, n_conv_layers=1, img_size=8,
                       in_chans=1, num_classes=6, drop_path_rate=0.0, attn_drop_rate=0.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        t = CCT(cfg).eval()
-        with torch.no_grad():
-            for n, p in t.named_parameters():
-                if n.endswith("bias") or "norm" in n:
-                    p.add_(0.2 * torch.randn(p.shape))
+    t = random_cct(cfg, seed)
     model = devit_ext.decompose(t, 2, budgets=[{"embed_dim": 16, "depth": 2, "num_heads": 1, "mlp_hidden": 24}] * 2,
                                 partition=[[0, 2, 4], [1, 3, 5]])
     return t, model

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import devit_ext
-from devit_ext.cct import CCT, make_config
+from devit_ext.cct import make_config
 from devit_ext.engines import common
 
 from _agreement import check_int8, reference
+from test_cct_decompose import random_cct
 
 
 @pytest.fixture(autouse=True)
@@ -24,13 +25,7 @@ def _watchdog():
 def cct_devit(convs=2, pos="learnable", seed=0):
     cfg = make_config(embed_dim=32, depth=3, num_heads=2, mlp_ratio=2, kernel_size=3, n_conv_layers=convs,
                       img_size=16, in_chans=3, num_classes=9, positional_embedding=pos)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        t = CCT(cfg).eval()
-        with torch.no_grad():
-            for n, p in t.named_parameters():
-                if n.endswith("bias") or "norm" in n:
-                    p.add_(0.2 * torch.randn(p.shape))
+    t = random_cct(cfg, seed)
     small = {"embed_dim": 16, "depth": 2, "num_heads": 1, "mlp_hidden": 24}
     if convs > 1:
         small["conv_channels"] = [24]

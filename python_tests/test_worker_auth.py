@@ -9,7 +9,6 @@ a secret and a short or missing secret file. No process is started.
 """
 from __future__ import annotations
 
-import faulthandler
 import threading
 
 import pytest
@@ -18,17 +17,15 @@ import torch
 from devit_ext import auth, wire
 from devit_ext.engines import _proto, worker
 
-from test_auth import SECRET, WIDTH, free_port, one_device_model
+from test_auth import SECRET, WIDTH, bounded, free_port, one_device_model
 
 TEST_BOUND_S = 120
 
 
 @pytest.fixture(autouse=True)
 def _bounded(monkeypatch):
-    monkeypatch.delenv(auth.ENV, raising=False)
-    faulthandler.dump_traceback_later(TEST_BOUND_S, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+    with bounded(monkeypatch, TEST_BOUND_S, shutdown=False):
+        yield
 
 
 class Served(threading.Thread):

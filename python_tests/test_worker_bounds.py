@@ -8,7 +8,6 @@ grace (plus a margin for a loaded machine), not by Gloo's connect, which took
 """
 from __future__ import annotations
 
-import faulthandler
 import os
 import subprocess
 import sys
@@ -17,11 +16,10 @@ import time
 
 import pytest
 
-from devit_ext import auth
 from devit_ext.engines import _proto
 from devit_ext.engines import distributed as D
 
-from test_auth import images, one_device_model
+from test_auth import bounded, images, one_device_model
 
 pytestmark = pytest.mark.slow
 TEST_BOUND_S = 180
@@ -30,11 +28,8 @@ MARGIN_S = 3.0  # scheduling on 2 shared cores; far below the 2x of the bound th
 
 @pytest.fixture(autouse=True)
 def _bounded(monkeypatch):
-    monkeypatch.delenv(auth.ENV, raising=False)
-    faulthandler.dump_traceback_later(TEST_BOUND_S, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
-    D.shutdown()
+    with bounded(monkeypatch, TEST_BOUND_S):
+        yield
 
 
 def start_worker(model_dir, port, timeout, world=2):
