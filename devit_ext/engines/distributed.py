@@ -320,8 +320,11 @@ def _run_batches(model, s: WorkerGroup, images, *, transfer, batch_size, timeout
             try:
                 c = (_proto.sign_batch_ctrl(c0, s.keys[i], digest) if s.keys else c0).to(s.comm)
                 entry["ctrl"].append(c)
-                entry["send"].append(s.pg.send([c], i + 1, _proto.TAG_CTRL))
-                entry["send"].append(s.pg.send([x], i + 1, _proto.TAG_IMAGES))
+                with s.send_lock:  # the keep-alive thread sends too (_heartbeat.py)
+                    entry["send"].append(s.pg.send([c], i + 1, _proto.TAG_CTRL))
+                    entry["send"].append(s.pg.send([x], i + 1, _proto.TAG_IMAGES))
+                    if s.heartbeat is not None:
+                        s.heartbeat.touch(i)
                 size = wire.message_size(transfer, b - a, T, widths[i], authenticated=bool(s.keys))
                 buf = torch.empty(size, dtype=torch.uint8, device=s.comm)
                 entry["recv"][i] = (buf, s.waiters[i].submit(s.pg.recv([buf], i + 1, _proto.TAG_TOKENS)))
