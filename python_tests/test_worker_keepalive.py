@@ -1,6 +1,7 @@
 """The worker's wait for the next batch is bounded by keep-alives (engines/_heartbeat.py), in one process:
 the real `worker._Worker.serve` in a thread, this test as the aggregator speaking the protocol by hand
-(the `group` fixture of test_worker_auth).
+(the `group` fixture of test_worker_auth); and the real aggregator (`D.run`) against hand-written workers
+that record the keep-alives they get.
 
 A worker that has heard a keep-alive and then hears nothing for its --timeout
 exits 1 (the aggregator stopped, hung or vanished), within the bound + 1 s; an
@@ -12,11 +13,16 @@ test_worker_bounds.py (processes).
 """
 from __future__ import annotations
 
+import threading
 import time
 
-from devit_ext.engines import _proto, worker
+import torch
 
-from test_auth import SECRET
+from devit_ext import wire
+from devit_ext.engines import _proto, worker
+from devit_ext.engines import distributed as D
+
+from test_auth import SECRET, WIDTH, free_port, images, one_device_model, recv_ctrl
 from test_worker_auth import _bounded, answer, challenge, group, send_batch, x2  # noqa: F401 - fixtures
 
 BOUND = 2.0  # the worker's --timeout
@@ -93,3 +99,65 @@ def test_keepalive_interval_is_well_under_the_bound():
     assert _proto.keepalive_interval(2.0) == 0.5
     assert _proto.keepalive_interval(0.01) == _proto.MIN_KEEPALIVE_S
     # the bytes: test_wire_layout.py::test_keepalive_control_golden_bytes
+
+
+class Listener(threading.Thread):
+    """A hand-written worker (unauthenticated, loopback) that declares `bound` in its hello, answers
+    batches with zero tokens and records every control message: (time.monotonic(), kind, slot 2)."""
+
+    def __init__(self, port, mhash, rank, world, bound):
+        super().__init__(daemon=True)
+        self.port, self.mhash, self.rank, self.world, self.bound = port, mhash, rank, world, bound
+        self.seen, self.error = [], None
+
+    def run(self):
+        try:
+            _, store = _proto.make_store("127.0.0.1", self.port, self.world, False, 30.0)
+            assert _proto.claim_rank(store, self.rank) is None
+            pg = _proto.make_group(store, self.rank, self.world, 30.0, "gloo", "127.0.0.1")
+            hello = wire.encode_hello(self.mhash, self.rank - 1, 1, WIDTH, idle_bound_s=self.bound)
+            pg.send([hello], 0, _proto.TAG_HELLO).wait()
+            keep = []
+            while True:
+                c = recv_ctrl(pg)
+                self.seen.append((time.monotonic(), c[1], c[2]))
+                if c[1] == _proto.CTRL_BATCH:
+                    x = torch.empty(tuple(c[3:7]), dtype=torch.uint8)
+                    pg.recv([x], 0, _proto.TAG_IMAGES).wait(_proto.td(30))
+                    q = torch.zeros(c[3], 1, WIDTH, dtype=torch.int8)
+                    msg = wire.encode(self.mhash, self.rank - 1, c[2], q=q, scales=torch.zeros(c[3], 1))
+                    keep.append(msg)
+                    pg.send([msg], 0, _proto.TAG_TOKENS).wait(_proto.td(30))
+                elif c[1] != _proto.CTRL_KEEPALIVE:
+                    return
+        except BaseException as e:  # noqa: BLE001 - the test reads it
+            self.error = e
+
+
+def test_the_real_aggregator_sends_keepalives_while_idle_to_workers_that_take_them():
+    """Device 0 declares a 2 s bound: a keep-alive before the first batch, then every 0.5 s while idle;
+    device 1 declares none (a worker before keep-alives): it gets none."""
+    m = one_device_model(devices=2)
+    port = free_port()
+    init = f"tcp://127.0.0.1:{port}"
+    fakes = [Listener(port, m.content_hash(), 1, 3, BOUND), Listener(port, m.content_hash(), 2, 3, 0.0)]
+    for f in fakes:
+        f.start()
+    try:
+        D.run(m, images(8), init_method=init, world_size=3, timeout=10.0, rendezvous_timeout=60, batch_size=2)
+        t_idle = time.monotonic()
+        time.sleep(2.2)
+        D.run(m, images(2), init_method=init, world_size=3, timeout=10.0)  # the same group, still served
+    finally:
+        D.shutdown(init)
+        for f in fakes:
+            f.join(30)
+    assert all(f.error is None for f in fakes), [f.error for f in fakes]
+    kinds0 = [k for _, k, _ in fakes[0].seen]
+    assert kinds0[0] == _proto.CTRL_KEEPALIVE and kinds0[-1] == _proto.CTRL_SHUTDOWN
+    beats = [(t, seq) for t, k, seq in fakes[0].seen if k == _proto.CTRL_KEEPALIVE]
+    assert [s for _, s in beats] == list(range(1, len(beats) + 1))  # sequence numbers 1, 2, ...
+    idle = [t for t, _ in beats if t > t_idle]
+    assert 3 <= len(idle) <= 6, idle  # every 0.5 s in 2.2 s of idling (scheduling on a loaded machine)
+    assert _proto.CTRL_KEEPALIVE not in [k for _, k, _ in fakes[1].seen]
+    assert [k for _, k, _ in fakes[1].seen] == [_proto.CTRL_BATCH] * 5 + [_proto.CTRL_SHUTDOWN]
