@@ -67,8 +67,8 @@ COMPUTE_DTYPES = {1: torch.float32, 2: torch.bfloat16, 3: torch.float16}
 COMPUTE_CODES = {v: k for k, v in COMPUTE_DTYPES.items()}
 
 STORE_PREFIX = "devit_ext/"
-# what a worker waits between batches: the aggregator may be idle for long; a
-# closed connection (aggregator gone) still ends the wait at once
+# "no bound" for Gloo: the aggregator's waiter threads (which keep their own deadlines), and a worker's
+# wait between batches before it has heard a keep-alive (an aggregator that sends none may idle for long)
 IDLE = datetime.timedelta(days=7)
 
 

@@ -48,6 +48,12 @@ them) and says which ranks did not join. With `degrade=True` the answer uses
 the devices still alive (zeros for the missing tokens, as if a device sent
 nothing), `stats.missing_devices` lists the others by device index, and later
 calls on the same group keep answering without them.
+
+Between batches and between calls a keep-alive thread (_heartbeat.py) sends
+each worker that asks for them (its hello declares an idle bound) a small
+control message whenever nothing else went to it for a second: an idle
+aggregator keeps its workers, a stopped or vanished one makes them exit
+within their --timeout.
 """
 from __future__ import annotations
 
