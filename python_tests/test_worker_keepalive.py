@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from devit_ext import wire
@@ -92,6 +93,25 @@ def test_replayed_keepalive_refused(group, capfd):
 
 def test_untagged_keepalive_refused_in_an_authenticated_group(group, capfd):
     _refused(group, capfd, lambda key: _proto.keepalive_ctrl(2, 0.5, None), "tag does not match")
+
+
+@pytest.mark.parametrize("stall", ["challenge", "images"])
+def test_the_other_waits_end_within_the_bound(group, capfd, stall):
+    """An aggregator that never sends its challenge, or a batch's images after its control message: the
+    worker exits 1 within its --timeout (+ 1 s) (in a process the watchdog stands behind Gloo's timeout)."""
+    make, m = group
+    pg, w, _server = make(secret=SECRET if stall == "challenge" else None, timeout=BOUND)
+    t0 = time.monotonic()
+    if stall == "images":
+        beat(pg, 1, None)
+        c = _proto.ctrl(_proto.CTRL_BATCH, 1, (2, 3, 16, 16), 1, 1, 1)
+        pg.send([c], 1, _proto.TAG_CTRL).wait(_proto.td(30))
+        t0 = time.monotonic()
+    w.join(BOUND + 10)
+    took = time.monotonic() - t0
+    assert w.code == worker.EXIT_LOST and w.computed == 0, capfd.readouterr().err
+    assert took <= BOUND + 1.0, took
+    assert "lost the aggregator" in capfd.readouterr().err
 
 
 def test_keepalive_interval_is_well_under_the_bound():
