@@ -115,6 +115,27 @@ def batch_ctrl_ok(c: list[int], key: bytes, image_digest: bytes) -> bool:
                        image_digest)
 
 
+MAX_BATCH_BYTES = 4 << 30  # images of one micro-batch; anything above is not an aggregator of this engine
+
+
+def batch_ctrl_error(c: list[int], chw: tuple[int, int, int]) -> str | None:
+    """Why a batch control message cannot be served (None when it can): kind, codes, and the image
+    shape against the model's (C, H, W), bounded in bytes, before anything is allocated."""
+    from .. import wire
+
+    if c[1] != CTRL_BATCH:
+        return f"unknown kind {c[1]}"
+    if c[7] not in IMAGE_DTYPES or c[8] not in wire.TRANSFER_NAMES or c[9] not in COMPUTE_DTYPES:
+        return f"unknown image/transfer/compute code {c[7:10]}"
+    b, shape = c[3], tuple(c[4:7])
+    if shape != tuple(chw):
+        return f"image shape {shape}, this model takes {tuple(chw)}"
+    nbytes = b * chw[0] * chw[1] * chw[2] * IMAGE_DTYPES[c[7]].itemsize
+    if not 1 <= b or nbytes > MAX_BATCH_BYTES:
+        return f"batch of {b} images ({nbytes} bytes; at most {MAX_BATCH_BYTES})"
+    return None
+
+
 def keepalive_interval(idle_bound_s: float) -> float:
     """Seconds between keep-alives to a worker whose hello declared `idle_bound_s` (> 0): well under it."""
     return max(MIN_KEEPALIVE_S, min(KEEPALIVE_S, float(idle_bound_s) / 4))

@@ -167,28 +167,6 @@ def run(args) -> int:
     os._exit(code)
 
 
-MAX_BATCH_BYTES = 4 << 30  # images of one micro-batch; anything above is not an aggregator of this engine
-
-
-def batch_ctrl_error(c: list[int], chw: tuple[int, int, int]) -> str | None:
-    """Why a batch control message cannot be served (None when it can): kind, codes, and the image
-    shape against the model's (C, H, W), bounded in bytes, before anything is allocated."""
-    from .. import wire
-    from . import _proto
-
-    if c[1] != _proto.CTRL_BATCH:
-        return f"unknown kind {c[1]}"
-    if c[7] not in _proto.IMAGE_DTYPES or c[8] not in wire.TRANSFER_NAMES or c[9] not in _proto.COMPUTE_DTYPES:
-        return f"unknown image/transfer/compute code {c[7:10]}"
-    b, shape = c[3], tuple(c[4:7])
-    if shape != tuple(chw):
-        return f"image shape {shape}, this model takes {tuple(chw)}"
-    nbytes = b * chw[0] * chw[1] * chw[2] * _proto.IMAGE_DTYPES[c[7]].itemsize
-    if not 1 <= b or nbytes > MAX_BATCH_BYTES:
-        return f"batch of {b} images ({nbytes} bytes; at most {MAX_BATCH_BYTES})"
-    return None
-
-
 def _env_int(name: str) -> int | None:
     v = os.environ.get(name)
     return int(v) if v not in (None, "") else None
@@ -344,7 +322,7 @@ class _Worker:
                 if kind == _proto.CTRL_REFUSE:
                     return self._refused(prefix, c[2])
                 # checked against the model before anything is allocated
-                bad = batch_ctrl_error(c, (self.model.in_chans, *self.model.img_size))
+                bad = _proto.batch_ctrl_error(c, (self.model.in_chans, *self.model.img_size))
                 if bad is None and key is not None and bid <= last_bid:
                     bad = f"batch id {bid} after {last_bid} (a replayed control message)"
                 if bad:
