@@ -10,8 +10,9 @@ for `_proto.keepalive_interval(bound)` (batch control messages count:
 hung or vanished aggregator sends none, and its workers exit within their
 --timeout instead of waiting forever.
 
-Every send to the group goes under the group's `send_lock` (this thread and
-`distributed._run_batches`' posts). A Gloo send completes only when the worker
+Every call into the group goes under the group's `send_lock` (this thread and
+`distributed._run_batches`' posts: sends and receives; an NCCL communicator
+must not be entered from two threads at once). A Gloo send completes only when the worker
 has posted its receive, and only `Work.wait` says so: a per-device `Waiter`
 waits on each keep-alive's send, and a device whose last one has not left (a
 worker not reading: busy on a long batch, or hung) gets no new one, so nothing

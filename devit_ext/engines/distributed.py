@@ -326,14 +326,17 @@ def _run_batches(model, s: WorkerGroup, images, *, transfer, batch_size, timeout
             try:
                 c = (_proto.sign_batch_ctrl(c0, s.keys[i], digest) if s.keys else c0).to(s.comm)
                 entry["ctrl"].append(c)
-                with s.send_lock:  # the keep-alive thread sends too (_heartbeat.py)
+                size = wire.message_size(transfer, b - a, T, widths[i], authenticated=bool(s.keys))
+                buf = torch.empty(size, dtype=torch.uint8, device=s.comm)
+                # every call into the group under the lock: the keep-alive thread sends too (_heartbeat.py),
+                # and an NCCL communicator must not be entered from two threads at once
+                with s.send_lock:
                     entry["send"].append(s.pg.send([c], i + 1, _proto.TAG_CTRL))
                     entry["send"].append(s.pg.send([x], i + 1, _proto.TAG_IMAGES))
                     if s.heartbeat is not None:
                         s.heartbeat.touch(i)
-                size = wire.message_size(transfer, b - a, T, widths[i], authenticated=bool(s.keys))
-                buf = torch.empty(size, dtype=torch.uint8, device=s.comm)
-                entry["recv"][i] = (buf, s.waiters[i].submit(s.pg.recv([buf], i + 1, _proto.TAG_TOKENS)))
+                    work = s.pg.recv([buf], i + 1, _proto.TAG_TOKENS)
+                entry["recv"][i] = (buf, s.waiters[i].submit(work))
                 entry["t"][i] = time.perf_counter()
             except RuntimeError as e:
                 entry["recv"].pop(i, None)
