@@ -26,6 +26,9 @@ number (1, 2, ... per device), 3 the interval in ms, 4..9 zero, 10..11 the tag
 (as a batch control message's, over fields 0..9 and no images; zero without a
 secret). A worker that heard one bounds its wait for the next batch by
 --timeout: a stopped or vanished aggregator ends it (`_heartbeat.py`).
+Both ways compatible with the versions before: such a worker's hello says 0
+(no keep-alives go to it), and such an aggregator reads no hello's
+compute-seconds field and sends none (the worker then waits as before).
 
 Sockets listen only where the init_method says: the store on the host's own
 address (`host_store` binds the socket itself; TCPStore alone listens on every
