@@ -173,9 +173,7 @@ class StackedLaunch:
         if B and (G > 65535 or B > 65535):
             raise ValueError(f"qkv: at most 65535 heads and 65535 images per launch, got {G} heads, B = {B}")
         self.out_shape, self.dtype, self.device, self.strides = (M, B, N, H * D), shape.dtype, shape.device, strides
-        os_ = (B * N * H * D, N * H * D, H * D, 1)  # the contiguous output's strides
-        rows = [[m * strides[0] + h * strides[4], strides[1], strides[2], strides[3], m * os_[0] + h * D, os_[1],
-                 os_[2], 0] for m in range(M) for h in range(H)]
+        rows = _stacked_rows(M, H, D, strides, (B * N * H * D, N * H * D, H * D, 1))  # contiguous output
         align = _launch.align_elems(shape.dtype.itemsize, [v for r in rows for v in r[:7]])
         self.table = _launch.device_table(rows, shape.device)
         bm, bn, nw, ns = tile_config(N, D, shape.dtype, G * B, tgt)
@@ -271,17 +269,19 @@ def _table_rows(shape, ins, outs) -> list[list[int]]:
     """One row per global head: [q_off, s_b, s_n, s_3, o_off, o_b, o_n, 0] (elements)."""
     D = shape.D
     if shape.stacked:
-        xs, os_ = ins[0].stride(), outs[0].stride()
-        return [
-            [m * xs[0] + h * xs[4], xs[1], xs[2], xs[3], m * os_[0] + h * D, os_[1], os_[2], 0]
-            for m in range(len(shape.heads)) for h in range(shape.heads[0])
-        ]
+        return _stacked_rows(len(shape.heads), shape.heads[0], D, ins[0].stride(), outs[0].stride())
     rows = []
     for x, o, H in zip(ins, outs, shape.heads):
         xs, os_ = x.stride(), o.stride()
         xo, oo = _elem_offset(x, ins[0]), _elem_offset(o, outs[0])
         rows += [[xo + h * xs[3], xs[0], xs[1], xs[2], oo + h * D, os_[0], os_[1], 0] for h in range(H)]
     return rows
+
+
+def _stacked_rows(M: int, H: int, D: int, xs: tuple, os_: tuple) -> list[list[int]]:
+    """The stacked form's table: qkv strides xs (M, B, N, 3, H, D), output strides os_ (M, B, N, H*D)."""
+    return [[m * xs[0] + h * xs[4], xs[1], xs[2], xs[3], m * os_[0] + h * D, os_[1], os_[2], 0]
+            for m in range(M) for h in range(H)]
 
 
 def _check_out(name, o, expected, shape) -> None:
