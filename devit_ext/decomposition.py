@@ -23,7 +23,7 @@ from .budgets import resolve_budgets
 from .cct.shapes import student_config
 from .model import DeViT, FusionHead, build_submodel, teacher_config, teacher_tokens
 from .checks import is_int, is_number
-from .shapes import final_norm_name, flops_of, head_names, is_cct, params_of, shape_config
+from .shapes import attention_record, final_norm_name, flops_of, head_names, is_cct, params_of, shape_config
 
 # ---------------------------------------------------------------------------
 # Physical pruning
@@ -356,6 +356,7 @@ def decompose(
         "teacher_depth": len(tcfg["blocks"]),
         "teacher_flops": flops_of(tcfg, include_head=True),
         "teacher_params": params_of(tcfg),
+        "teacher_attention": attention_record(tcfg),
         "distilled": tcfg["distilled"],
         "seed": int(seed),
         "partition": partition if isinstance(partition, str) else "explicit",
