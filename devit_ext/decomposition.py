@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import importance as imp
 from . import partition as part
-from .budgets import resolve_budgets
+from .budgets import check_latency_budget, latency_keys, resolve_budgets
 from .cct.shapes import student_config
 from .model import DeViT, FusionHead, build_submodel, teacher_config, teacher_tokens
 from .checks import is_int, is_number
@@ -216,6 +216,8 @@ def decompose(
     fusion_init: str = "scatter",
     max_samples: int = 256,
     batch_size: int = 32,
+    runtime: str | None = None,
+    latency: Any = None,
 ) -> DeViT:
     """Decompose a timm ViT `teacher` into `num_devices` class-specialised, physically pruned sub-models.
 
@@ -231,8 +233,13 @@ def decompose(
             FLOPs (`meta["teacher_flops"]`, one image, head included),
             `{"flops": n}`, `{"params": n}` (parameters the device runs), or an
             explicit shape `{"embed_dim", "depth", "num_heads", "mlp_hidden"}`
-            (honoured exactly; uniform blocks). FLOPs/params budgets are met
-            within 10% (`search_shape`). Default: every device the same, all
+            (honoured exactly; uniform blocks), or a latency per image on
+            `runtime`: `{"latency": f}` (f in (0, 1] of the teacher's latency
+            measured there) or `{"latency_ms": x}`. FLOPs/params budgets are
+            met within 10% (`search_shape`); a latency budget is a cap: the
+            predicted latency is at most it (the search aims within 6%
+            below it, `devit_ext.latency.search_latency`; `meta["latency"]`
+            holds each device's prediction). Default: every device the same, all
             together 40% of the teacher's FLOPs (0.4 / N each).
         partition: "random" (the paper: seeded shuffle, contiguous chunks, the
             last takes the remainder), "similarity" (balanced clustering of the
@@ -257,6 +264,21 @@ def decompose(
             tokens, shrunk towards the scatter init: `fit_fusion_map`).
         max_samples, batch_size: how many images of `data` to use, and the
             teacher's batch size on them.
+        runtime: where the sub-models' latency is measured: "torch" (eager,
+            CPU, float32; the default for latency budgets) or "onnxruntime"
+            (an error when it does not import here). Latency budgets are
+            priced on it; given with FLOPs / params budgets, the search also
+            trades heads and MLP width for speed at equal cost
+            (`devit_ext.latency.search.refine`). The teacher's profile on it
+            is measured once (seconds) and cached on disk
+            (`devit_ext.latency.cached_profile`); `meta["latency"]` says which
+            runtime, the teacher's measured and predicted ms, and each
+            device's predicted ms.
+        latency: instead of the measured profile, a
+            `devit_ext.latency.LatencyProfile` (e.g. `LatencyProfile.load(path)`)
+            or a function cfg -> seconds per image (a sub-model config,
+            `devit_ext.shapes.shape_config`); the teacher's latency is then
+            the function's value for the teacher's config.
 
     Returns a `DeViT` on the teacher's device. Sub-model heads are the
     teacher's classifier rows for the group's classes (on the kept channels);
@@ -299,7 +321,17 @@ def decompose(
     if needs_data and data is None:
         raise ValueError(f"data: {' and '.join(needs_data)} needs data (an iterable of (images, labels) batches)")
 
-    shapes, targets = resolve_budgets(tcfg, num_devices, budgets)
+    lat = None
+    lat_idx = latency_keys(budgets)
+    if runtime is not None or latency is not None or lat_idx:
+        for i in lat_idx:  # bad values fail before a profile is measured
+            check_latency_budget(f"budgets[{i}]", budgets[i])
+        if is_cct(tcfg):
+            raise ValueError("runtime / latency: latency-aware decomposition applies to ViT teachers, not a CCT")
+        from .latency import resolve_latency
+
+        lat = resolve_latency(teacher, tcfg, runtime, latency)
+    shapes, targets = resolve_budgets(tcfg, num_devices, budgets, lat)
     if explicit:
         groups = part.check_groups(partition, C, num_devices)
 
@@ -369,6 +401,8 @@ def decompose(
         # teacher block / embedding channel behind each sub-model block / channel (for feature matching)
         "kept_blocks": kept_blocks,
         "kept_embed": [e.tolist() for e in kept_embed],
+        "latency": None if lat is None else lat.info | {
+            "predicted_ms": [1e3 * lat.predict(shape_config(tcfg, s["embed_dim"], s["blocks"], 1)) for s in shapes]},
     }
     model = DeViT(subs, groups, fusion, meta)
     if fusion_init == "lstsq":

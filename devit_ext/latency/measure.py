@@ -1,0 +1,171 @@
+"""Measuring a latency profile: the components of a ViT timed on a runtime, on a short grid.
+
+What is timed (random weights; latency does not depend on their values), each at the
+teacher's tokens N, head width D and the profile's batch:
+
+- the stem at every grid width d: a SubViT without blocks (patch embedding, prefix and
+  position embedding, final norm);
+- a block's attention half (norm1, qkv, softmax(q k^T) v for h heads, proj, residual) at
+  every grid width d and every head count h = 1..H_T;
+- a block's MLP half (norm2, fc1, GELU, fc2, residual) at every (d, m) of the grid.
+
+A component is called once to warm up, then `repeats` times; its time is the fastest
+call (the one least disturbed by other processes on a shared machine). Runtimes:
+"torch" (eager, CPU, float32, under inference_mode, torch's current thread count) and
+"onnxruntime" (each component exported with torch's TorchScript-based ONNX exporter,
+which takes ~50 ms per small graph where the dynamo exporter takes seconds, and run in
+a session with the local engine's options: `ort_sender.session_options`). The teacher
+is timed whole on the same runtime (onnxruntime: exported by `ort_sender.onnx_bytes`,
+the project's exporter). A runtime that does not import here is an error, never a
+silent switch to another one.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+
+from ..model import Attention, Mlp, SubViT
+from ..shapes import num_tokens, uniform_config
+
+RUNTIMES = ("torch", "onnxruntime")
+DEFAULT_REPEATS = 3
+
+
+def check_runtime(runtime) -> str:
+    """The runtime's version text, or a clear error: unknown name (ValueError), not importable (RuntimeError)."""
+    from ..engines.runtime import status
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime: expected one of {list(RUNTIMES)} for a latency profile, got {runtime!r}")
+    ok, why = status(runtime)
+    if not ok:
+        raise RuntimeError(f"runtime={runtime!r}: not available here ({why}); pip install \"devit-ext[export]\" "
+                           "or use runtime='torch'")
+    return why
+
+
+def widths(limit: int) -> list[int]:
+    """The grid of widths up to `limit`: 1, 8, 16, 32, multiples of 64 up to 512, of 128 above, and `limit`."""
+    step = list(range(64, min(limit, 512) + 1, 64)) + list(range(640, limit + 1, 128))
+    return sorted({w for w in [1, 8, 16, 32, *step] if w <= limit} | {int(limit)})
+
+
+class _AttnHalf(nn.Module):
+    def __init__(self, d: int, h: int, head_dim: int, qkv_bias: bool):
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(d), Attention(d, h, head_dim, qkv_bias)
+
+    def forward(self, x):
+        return x + self.attn(self.norm(x))
+
+
+class _MlpHalf(nn.Module):
+    def __init__(self, d: int, m: int):
+        super().__init__()
+        self.norm, self.mlp = nn.LayerNorm(d), Mlp(d, m)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class _Stem(nn.Module):
+    def __init__(self, tcfg: dict, d: int):
+        super().__init__()
+        self.sub = SubViT(uniform_config(tcfg, d, 0, 1, 1))
+
+    def forward(self, images):
+        return self.sub.forward_tokens(images)
+
+
+def best_time(fn, x, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls after one warm-up call."""
+    fn(x)
+    best = float("inf")
+    for _ in range(max(1, int(repeats))):
+        t0 = time.perf_counter()
+        fn(x)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _ort_callable(module: nn.Module, x: torch.Tensor, model_bytes: bytes | None = None):
+    from ..engines import ort_sender
+
+    if model_bytes is None:
+        f = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (x,), f, dynamo=False, opset_version=ort_sender.OPSET,
+                              input_names=["x"], output_names=["y"])
+        model_bytes = f.getvalue()
+    sess = ort_sender.make_session(model_bytes, torch.get_num_threads())
+    name = sess.get_inputs()[0].name
+    arr = x.numpy()
+    return lambda _x: sess.run(None, {name: arr})
+
+
+def time_module(module: nn.Module, x: torch.Tensor, runtime: str, repeats: int = DEFAULT_REPEATS) -> float:
+    """Seconds per call of `module(x)` on `runtime` (CPU, float32)."""
+    module = module.float().cpu().eval()
+    x = x.float().cpu().contiguous()
+    with torch.inference_mode():
+        if runtime == "torch":
+            return best_time(module, x, repeats)
+    with torch.no_grad():
+        return best_time(_ort_callable(module, x), x, repeats)
+
+
+def measure_components(tcfg: dict, runtime: str, batch: int = 1, repeats: int = DEFAULT_REPEATS) -> dict:
+    """The component tables of a profile (see the module docstring) for `tcfg`'s grid."""
+    N, D = num_tokens(tcfg), tcfg["head_dim"]
+    H = max(b["num_heads"] for b in tcfg["blocks"])
+    dg = widths(tcfg["embed_dim"])
+    mg = widths(max(b["mlp_hidden"] for b in tcfg["blocks"]))
+    images = torch.randn(batch, tcfg["in_chans"], *tcfg["img_size"])
+    torch.manual_seed(0)
+    stem, attn, mlp = [], [], []
+    for d in dg:
+        x = torch.randn(batch, N, d)
+        stem.append(time_module(_Stem(tcfg, d), images, runtime, repeats))
+        attn.append([time_module(_AttnHalf(d, h, D, tcfg["qkv_bias"]), x, runtime, repeats) for h in range(1, H + 1)])
+        mlp.append([time_module(_MlpHalf(d, m), x, runtime, repeats) for m in mg])
+    return {"d_grid": dg, "m_grid": mg, "stem": stem, "attn": attn, "mlp": mlp}
+
+
+def measure_teacher(teacher: nn.Module, runtime: str, batch: int = 1, repeats: int = DEFAULT_REPEATS) -> float:
+    """Seconds per call of the whole teacher (logits of `batch` images) on `runtime`, CPU float32."""
+    t = teacher
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in t.parameters()):
+        t = copy.deepcopy(teacher).float().cpu()
+    was = t.training
+    t.eval()
+    try:
+        c, (h, w) = t.patch_embed.proj.in_channels, t.patch_embed.img_size
+        x = torch.randn(batch, c, h, w)
+        if runtime == "torch":
+            with torch.inference_mode():
+                return best_time(t, x, repeats)
+        from ..engines import ort_sender
+
+        with torch.no_grad():
+            fn = _ort_callable(t, x, ort_sender.onnx_bytes(t, torch.randn(2, c, h, w)))
+            return best_time(fn, x, repeats)
+    finally:
+        t.train(was)
+
+
+def measure_submodel(sub: nn.Module, runtime: str, batch: int = 1, repeats: int = DEFAULT_REPEATS) -> float:
+    """Seconds per call of one sub-model up to its tokens on `runtime` (`engines.runtime.SubModelRunner`)."""
+    from ..engines.runtime import SubModelRunner
+
+    c = sub.cfg
+    x = torch.randn(batch, int(c["in_chans"]), *tuple(c["img_size"]))
+    sub = sub.float().cpu().eval()
+    run = SubModelRunner(sub, runtime)
+    with torch.inference_mode():
+        return best_time(run, x, repeats)
