@@ -45,9 +45,9 @@ def _cfg(tc, shape):
 
 
 def _big_tcfg(vit):
-    """A ViT-S-sized teacher config on 17 tokens (no module is built): d384 L12 h6 m1536, head width 64."""
-    tc = teacher_config(vit)
-    return shape_config(tc | {"head_dim": 64}, 384, [{"num_heads": 6, "mlp_hidden": 1536}] * 12, 10)
+    """A ViT-S/16 teacher config at 224 px, 197 tokens (no module is built): d384 L12 h6 m1536, head width 64."""
+    tc = teacher_config(vit) | {"head_dim": 64, "img_size": [224, 224], "patch_size": [16, 16]}
+    return shape_config(tc, 384, [{"num_heads": 6, "mlp_hidden": 1536}] * 12, 10)
 
 
 # ---------------------------------------------------------------------------
@@ -97,7 +97,8 @@ def test_equal_flops_fewer_heads_when_attention_is_slow(vit, frac):
     assert fast["num_heads"] < plain["num_heads"]
     assert (fast["embed_dim"], fast["depth"]) == (plain["embed_dim"], plain["depth"])
     assert abs(vit_flops(_cfg(tcfg, fast)) / target - 1) <= SEARCH_TOL
-    assert attention_heavy(_cfg(tcfg, fast)) <= (1 - L.LATENCY_GAIN) * attention_heavy(_cfg(tcfg, plain))
+    per_flop = lambda s: attention_heavy(_cfg(tcfg, s)) / vit_flops(_cfg(tcfg, s))  # noqa: E731
+    assert per_flop(fast) <= (1 - L.LATENCY_GAIN) * per_flop(plain)
     # where the MLP is the slow part, heads are not cut (more of them, a narrower MLP, if anything)
     other = L.refine(tcfg, plain, L.FunctionLatency(mlp_heavy, tcfg), "flops", target)
     assert other["num_heads"] >= plain["num_heads"] and other["mlp_hidden"] <= plain["mlp_hidden"]
@@ -141,7 +142,8 @@ def test_equal_flops_mlp_width_that_suits_the_gemm(vit):
     prof = _profile(tcfg, mlp_time, lambda d, h: 1e-9 * (8 * N * d * h * D + 4 * N * N * h * D))
     got = L.refine(tcfg, plain, prof, "flops", target)
     assert got["mlp_hidden"] == fast_w and got["num_heads"] == plain["num_heads"]
-    assert prof.predict(_cfg(tcfg, got)) < prof.predict(_cfg(tcfg, plain))
+    per_flop = lambda s: prof.predict(_cfg(tcfg, s)) / vit_flops(_cfg(tcfg, s))  # noqa: E731
+    assert per_flop(got) < per_flop(plain)
     # without the dip the teacher-like shape stays (no gain of 3%)
     flat = _profile(tcfg, lambda d, m: 1e-9 * 4 * N * d * m, lambda d, h: 1e-9 * (8 * N * d * h * D + 4 * N * N * h * D))
     assert L.refine(tcfg, plain, flat, "flops", target) == plain
@@ -178,6 +180,7 @@ def test_profile_cache_written_once_reused_and_invalidated(vit, tmp_path, monkey
     calls = []
     monkeypatch.setattr(lcache, "measure_components", _fake_measure(calls))
     monkeypatch.setattr(lcache, "measure_teacher", lambda t, r, b, n: 1e-3)
+    monkeypatch.setattr(lcache, "measure_probes", lambda c, r, b, n: [])
     p1 = L.cached_profile(vit, "torch", cache_dir=str(tmp_path))
     files = sorted(os.listdir(tmp_path))
     assert calls == ["torch"] and len(files) == 1 and files[0].startswith("latency-torch-")
@@ -211,6 +214,7 @@ def test_decompose_uses_the_cache_dir_from_the_environment(vit, tmp_path, monkey
     calls = []
     monkeypatch.setattr(lcache, "measure_components", _fake_measure(calls))
     monkeypatch.setattr(lcache, "measure_teacher", lambda t, r, b, n: 1e-3)
+    monkeypatch.setattr(lcache, "measure_probes", lambda c, r, b, n: [])
     monkeypatch.setenv("DEVIT_CACHE_DIR", str(tmp_path))
     m = devit_ext.decompose(vit, 2, budgets=[{"latency": 0.4}] * 2)
     m2 = devit_ext.decompose(vit, 2, budgets=[{"latency": 0.4}] * 2)
@@ -261,7 +265,7 @@ def test_unavailable_runtime_and_unfit_profile(vit, monkeypatch):
     from devit_ext.ops import dispatch
 
     prof = _profile(_big_tcfg(vit), lambda d, m: 1e-9 * d * m, lambda d, h: 1e-6 * h)
-    with pytest.raises(ValueError, match="latency: the profile does not fit this teacher .*head_dim=64"):
+    with pytest.raises(ValueError, match="latency: the profile does not fit this teacher .*tokens=197, the teacher has 17"):
         devit_ext.decompose(vit, 1, budgets=[0.3], latency=prof)
     with pytest.raises(ValueError, match="runtime: 'onnxruntime', but the given latency profile was measured on 'torch'"):
         devit_ext.decompose(vit, 1, budgets=[0.3], latency=prof, runtime="onnxruntime")
@@ -282,18 +286,30 @@ def test_cct_teacher_is_refused():
 # ---------------------------------------------------------------------------
 
 
-def test_real_profile_on_torch(vit, tmp_path):
+@pytest.fixture
+def one_thread():
+    """One torch thread: the profile then times on the CPU-time clock, which other processes' load leaves alone."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_real_profile_on_torch(vit, tmp_path, one_thread):
     prof = L.cached_profile(vit, "torch", cache_dir=str(tmp_path))
-    assert prof.teacher_s > 0 and prof.measure_s < 60
+    assert prof.key["clock"] == "cpu" and prof.teacher_s > 0 and prof.measure_s < 60
     assert all(v > 0 for v in prof.stem) and all(v > 0 for r in prof.attn + prof.mlp for v in r)
+    assert prof.calibration["scale"] > 0 and len(prof.calibration["points"]) == 3
     m = devit_ext.decompose(vit, 2, budgets=[{"latency": 0.5}] * 2, latency=prof)
     pred = m.meta["latency"]["predicted_ms"]
     assert all(p <= 0.5 * 1e3 * prof.teacher_s * (1 + 1e-9) for p in pred)
+    # the model against a direct measurement of the sub-model it chose (wide bounds: a tiny model's
+    # time is mostly per-call overhead, which a loaded machine's caches and frequency move)
     measured = L.measure_submodel(m.submodels[0], "torch", repeats=5)
-    assert 0.2 < pred[0] / (1e3 * measured) < 5  # the model's order of magnitude, on a loaded machine
+    assert 0.5 < pred[0] / (1e3 * measured) < 2
 
 
-def test_real_profile_on_onnxruntime(vit, tmp_path):
+def test_real_profile_on_onnxruntime(tmp_path, one_thread):
     from devit_ext.engines.runtime import status
 
     ok, why = status("onnxruntime")

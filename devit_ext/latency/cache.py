@@ -1,7 +1,7 @@
 """The on-disk cache of measured latency profiles: one JSON file per key, written atomically.
 
 Key: the machine (hostname, architecture, processor, CPU count), torch's version, the
-runtime and its version, torch's thread count, and the shape grid (tokens, head width,
+runtime and its version, torch's thread count and the clock, and the shape grid (tokens, head width,
 the teacher's widths, heads and patch, batch, repeats). A profile measured under any
 other key is never reused: a new torch, another thread count or another teacher grid
 measures again. Directory: `cache_dir` if given, else $DEVIT_CACHE_DIR, else
@@ -19,8 +19,9 @@ import torch
 
 from ..run_dir import write_atomic  # a reader sees the old file or the new one, never half of one
 from ..shapes import num_tokens
-from .measure import DEFAULT_REPEATS, check_runtime, measure_components, measure_teacher, widths
-from .profile import LatencyProfile
+from .measure import (DEFAULT_REPEATS, check_runtime, clock_name, measure_components, measure_probes, measure_teacher,
+                      widths)
+from .profile import LatencyProfile, fit_calibration
 
 
 def default_dir() -> str:
@@ -38,7 +39,7 @@ def profile_key(tcfg: dict, runtime: str, batch: int = 1, repeats: int = DEFAULT
     return {
         "host": platform.node(), "machine": platform.machine(), "processor": platform.processor(),
         "cpus": os.cpu_count(), "torch": torch.__version__, "runtime": runtime, "runtime_version": version,
-        "threads": torch.get_num_threads(), "tokens": num_tokens(tcfg), "head_dim": tcfg["head_dim"],
+        "threads": torch.get_num_threads(), "clock": clock_name(), "tokens": num_tokens(tcfg), "head_dim": tcfg["head_dim"],
         "img_size": list(tcfg["img_size"]), "patch_size": list(tcfg["patch_size"]), "in_chans": tcfg["in_chans"],
         "teacher_blocks": [[b["num_heads"], b["mlp_hidden"]] for b in tcfg["blocks"]],
         "embed_dim": tcfg["embed_dim"], "d_grid": widths(tcfg["embed_dim"]), "m_grid": widths(mt),
@@ -70,7 +71,9 @@ def cached_profile(teacher, runtime: str = "torch", *, batch: int = 1, repeats: 
     t0 = time.perf_counter()
     tables = measure_components(tcfg, runtime, batch, repeats)
     teacher_s = measure_teacher(teacher, runtime, batch, repeats)
-    prof = LatencyProfile(key=key, teacher_s=teacher_s, measure_s=time.perf_counter() - t0, **tables)
+    prof = LatencyProfile(key=key, teacher_s=teacher_s, **tables)
+    prof.calibration = fit_calibration(prof, measure_probes(tcfg, runtime, batch, repeats) + [(tcfg, teacher_s)])
+    prof.measure_s = time.perf_counter() - t0
     prof.save(path)
     prof.extra["cache"] = {"path": path, "hit": False}
     return prof

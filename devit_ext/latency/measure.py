@@ -7,10 +7,13 @@ teacher's tokens N, head width D and the profile's batch:
   position embedding, final norm);
 - a block's attention half (norm1, qkv, softmax(q k^T) v for h heads, proj, residual) at
   every grid width d and every head count h = 1..H_T;
-- a block's MLP half (norm2, fc1, GELU, fc2, residual) at every (d, m) of the grid.
+- a block's MLP half (norm2, fc1, GELU, fc2, residual) at every (d, m) of the grid;
+- two whole uniform models (`probe_configs`), which with the teacher calibrate the sum of
+  components to whole models (`profile.fit_calibration`: a scale and a cost per block).
 
 A component is called once to warm up, then `repeats` times; its time is the fastest
-call (the one least disturbed by other processes on a shared machine). Runtimes:
+call (the one least disturbed by other processes on a shared machine), on the process's
+CPU-time clock when torch runs on one thread, else on the wall clock (`clock_name`). Runtimes:
 "torch" (eager, CPU, float32, under inference_mode, torch's current thread count) and
 "onnxruntime" (each component exported with torch's TorchScript-based ONNX exporter,
 which takes ~50 ms per small graph where the dynamo exporter takes seconds, and run in
@@ -82,14 +85,27 @@ class _Stem(nn.Module):
         return self.sub.forward_tokens(images)
 
 
+def clock_name() -> str:
+    """"cpu" (the process's CPU time) when the runtimes run on one thread, else "wall".
+
+    Why: on a shared machine a call that outlasts a scheduler slice waits for the core, so wall
+    time grows with the call's length and the other processes' load (a 25 ms sub-model measured
+    2.5x the sum of its sub-millisecond components at load 7 on 2 cores). On one thread the CPU
+    time is what the call costs on a core of its own, long or short. With more threads only the
+    wall time says what the user waits for.
+    """
+    return "cpu" if torch.get_num_threads() == 1 else "wall"
+
+
 def best_time(fn, x, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` calls after one warm-up call."""
+    """Seconds of the fastest of `repeats` calls after one warm-up call, on `clock_name()`'s clock."""
+    now = time.process_time if clock_name() == "cpu" else time.perf_counter
     fn(x)
     best = float("inf")
     for _ in range(max(1, int(repeats))):
-        t0 = time.perf_counter()
+        t0 = now()
         fn(x)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, now() - t0)
     return best
 
 
@@ -157,6 +173,22 @@ def measure_teacher(teacher: nn.Module, runtime: str, batch: int = 1, repeats: i
             return best_time(fn, x, repeats)
     finally:
         t.train(was)
+
+
+def probe_configs(tcfg: dict) -> list[dict]:
+    """Two whole uniform models between the sub-models' sizes and the teacher's, for the calibration."""
+    dT, LT = tcfg["embed_dim"], len(tcfg["blocks"])
+    HT = max(b["num_heads"] for b in tcfg["blocks"])
+    MT = max(b["mlp_hidden"] for b in tcfg["blocks"])
+    r8 = lambda v: max(8, 8 * round(v / 8)) if v >= 8 else max(1, round(v))  # noqa: E731
+    return [uniform_config(tcfg, r8(dT / 3), max(1, round(0.75 * LT)), max(1, HT // 3), r8(MT / 3)),
+            uniform_config(tcfg, r8(dT / 2), max(1, LT // 2), max(1, HT // 2), r8(MT / 2))]
+
+
+def measure_probes(tcfg: dict, runtime: str, batch: int = 1, repeats: int = DEFAULT_REPEATS) -> list[tuple[dict, float]]:
+    """(config, seconds per call) of the `probe_configs` run whole on `runtime` (random weights)."""
+    torch.manual_seed(0)
+    return [(c, measure_submodel(SubViT(c), runtime, batch, repeats)) for c in probe_configs(tcfg)]
 
 
 def measure_submodel(sub: nn.Module, runtime: str, batch: int = 1, repeats: int = DEFAULT_REPEATS) -> float:
