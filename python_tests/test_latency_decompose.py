@@ -16,7 +16,7 @@ import devit_ext
 from devit_ext import latency as L
 from devit_ext.budgets import SEARCH_TOL, search_shape
 from devit_ext.latency import cache as lcache
-from devit_ext.latency.measure import widths
+from devit_ext.latency.measure import grids
 from devit_ext.latency.profile import LatencyProfile
 from devit_ext.shapes import attention_flops, describe_shape, num_tokens, shape_config, teacher_config, vit_flops
 from test_decompose import _tiny
@@ -168,7 +168,7 @@ def test_profile_interpolates_between_grid_widths(vit):
 def _fake_measure(calls):
     def components(tcfg, runtime, batch, repeats):
         calls.append(runtime)
-        dg, mg = widths(tcfg["embed_dim"]), widths(max(b["mlp_hidden"] for b in tcfg["blocks"]))
+        dg, mg = grids(tcfg)
         H = max(b["num_heads"] for b in tcfg["blocks"])
         return {"d_grid": dg, "m_grid": mg, "stem": [1e-6 * d for d in dg],
                 "attn": [[1e-6 * (d + h) for h in range(1, H + 1)] for d in dg], "mlp": [[1e-8 * d * m for m in mg] for d in dg]}

@@ -20,7 +20,7 @@ import torch
 from ..run_dir import write_atomic  # a reader sees the old file or the new one, never half of one
 from ..shapes import num_tokens
 from .measure import (DEFAULT_REPEATS, check_runtime, clock_name, measure_components, measure_probes, measure_teacher,
-                      widths)
+                      grids)
 from .profile import LatencyProfile, fit_calibration
 
 
@@ -35,14 +35,13 @@ def default_dir() -> str:
 def profile_key(tcfg: dict, runtime: str, batch: int = 1, repeats: int = DEFAULT_REPEATS) -> dict:
     """Everything a measured profile depends on (see the module docstring)."""
     version = check_runtime(runtime)
-    mt = max(b["mlp_hidden"] for b in tcfg["blocks"])
     return {
         "host": platform.node(), "machine": platform.machine(), "processor": platform.processor(),
         "cpus": os.cpu_count(), "torch": torch.__version__, "runtime": runtime, "runtime_version": version,
         "threads": torch.get_num_threads(), "clock": clock_name(), "tokens": num_tokens(tcfg), "head_dim": tcfg["head_dim"],
         "img_size": list(tcfg["img_size"]), "patch_size": list(tcfg["patch_size"]), "in_chans": tcfg["in_chans"],
         "teacher_blocks": [[b["num_heads"], b["mlp_hidden"]] for b in tcfg["blocks"]],
-        "embed_dim": tcfg["embed_dim"], "d_grid": widths(tcfg["embed_dim"]), "m_grid": widths(mt),
+        "embed_dim": tcfg["embed_dim"], "d_grid": grids(tcfg)[0], "m_grid": grids(tcfg)[1],
         "batch": int(batch), "repeats": int(repeats),
     }
 

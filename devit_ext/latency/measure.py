@@ -15,9 +15,10 @@ A component is called once to warm up, then `repeats` times; its time is the fas
 call (the one least disturbed by other processes on a shared machine), on the process's
 CPU-time clock when torch runs on one thread, else on the wall clock (`clock_name`). Runtimes:
 "torch" (eager, CPU, float32, under inference_mode, torch's current thread count) and
-"onnxruntime" (each component exported with torch's TorchScript-based ONNX exporter,
-which takes ~50 ms per small graph where the dynamo exporter takes seconds, and run in
-a session with the local engine's options: `ort_sender.session_options`). The teacher
+"onnxruntime" (the components of one width exported together with torch's
+TorchScript-based ONNX exporter, ~1 s for 26 graphs where the dynamo exporter takes
+seconds per graph, each one's graph cut out with `onnx.utils.Extractor` and run in its
+own session with the local engine's options, `ort_sender.session_options`). The teacher
 is timed whole on the same runtime (onnxruntime: exported by `ort_sender.onnx_bytes`,
 the project's exporter). A runtime that does not import here is an error, never a
 silent switch to another one.
@@ -52,10 +53,18 @@ def check_runtime(runtime) -> str:
     return why
 
 
-def widths(limit: int) -> list[int]:
-    """The grid of widths up to `limit`: 1, 8, 16, 32, multiples of 64 up to 512, of 128 above, and `limit`."""
+def widths(limit: int, lowest: int = 1) -> list[int]:
+    """The grid of widths up to `limit`: 1, 8, 16, 32, multiples of 64 up to 512, of 128 above, and `limit`
+    (from `lowest` on)."""
     step = list(range(64, min(limit, 512) + 1, 64)) + list(range(640, limit + 1, 128))
-    return sorted({w for w in [1, 8, 16, 32, *step] if w <= limit} | {int(limit)})
+    return sorted({w for w in [1, 8, 16, 32, *step] if lowest <= w <= limit} | {int(limit)})
+
+
+def grids(tcfg: dict) -> tuple[list[int], list[int]]:
+    """(embed widths, MLP widths) a profile measures: down to the shape search's smallest candidates
+    (embed widths from 8 when the teacher's is 16 or more; MLP widths from 1)."""
+    dT = tcfg["embed_dim"]
+    return widths(dT, 8 if dT >= 16 else 1), widths(max(b["mlp_hidden"] for b in tcfg["blocks"]))
 
 
 class _AttnHalf(nn.Module):
@@ -76,10 +85,12 @@ class _MlpHalf(nn.Module):
         return x + self.mlp(self.norm(x))
 
 
-class _Stem(nn.Module):
-    def __init__(self, tcfg: dict, d: int):
+class _Tokens(nn.Module):
+    """A whole sub-model up to its normalised prefix tokens; without blocks, the stem."""
+
+    def __init__(self, sub: nn.Module):
         super().__init__()
-        self.sub = SubViT(uniform_config(tcfg, d, 0, 1, 1))
+        self.sub = sub
 
     def forward(self, images):
         return self.sub.forward_tokens(images)
@@ -109,47 +120,73 @@ def best_time(fn, x, repeats: int) -> float:
     return best
 
 
-def _ort_callable(module: nn.Module, x: torch.Tensor, model_bytes: bytes | None = None):
+class _Bundle(nn.Module):
+    """Components on one input, one output each: one ONNX export for all of them."""
+
+    def __init__(self, modules):
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+
+    def forward(self, x):
+        return tuple(p(x) for p in self.parts)
+
+
+def _legacy_onnx(module: nn.Module, x: torch.Tensor, outputs: int) -> bytes:
     from ..engines import ort_sender
 
-    if model_bytes is None:
-        f = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, (x,), f, dynamo=False, opset_version=ort_sender.OPSET,
-                              input_names=["x"], output_names=["y"])
-        model_bytes = f.getvalue()
+    f = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), f, dynamo=False, opset_version=ort_sender.OPSET, input_names=["x"],
+                          output_names=[f"y{i}" for i in range(outputs)])
+    return f.getvalue()
+
+
+def _ort_time(model_bytes: bytes, x: torch.Tensor, repeats: int) -> float:
+    from ..engines import ort_sender
+
     sess = ort_sender.make_session(model_bytes, torch.get_num_threads())
-    name = sess.get_inputs()[0].name
-    arr = x.numpy()
-    return lambda _x: sess.run(None, {name: arr})
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    return best_time(lambda _x: sess.run(None, feed), x, repeats)
+
+
+def time_modules(modules, x: torch.Tensor, runtime: str, repeats: int = DEFAULT_REPEATS) -> list[float]:
+    """Seconds per call of each `module(x)` on `runtime` (CPU, float32). onnxruntime: one export of all of
+    them, then each one's own graph cut out of it (`onnx.utils.Extractor`) in its own session (a session
+    computes every output of its graph, asked for or not)."""
+    modules = [m.float().cpu().eval() for m in modules]
+    x = x.float().cpu().contiguous()
+    if runtime == "torch":
+        with torch.inference_mode():
+            return [best_time(m, x, repeats) for m in modules]
+    import onnx
+    from onnx.utils import Extractor
+
+    whole = onnx.load_from_string(_legacy_onnx(_Bundle(modules), x, len(modules)))
+    ex = Extractor(whole)
+    return [_ort_time(ex.extract_model(["x"], [f"y{i}"]).SerializeToString(), x, repeats) for i in range(len(modules))]
 
 
 def time_module(module: nn.Module, x: torch.Tensor, runtime: str, repeats: int = DEFAULT_REPEATS) -> float:
     """Seconds per call of `module(x)` on `runtime` (CPU, float32)."""
-    module = module.float().cpu().eval()
-    x = x.float().cpu().contiguous()
-    with torch.inference_mode():
-        if runtime == "torch":
-            return best_time(module, x, repeats)
-    with torch.no_grad():
-        return best_time(_ort_callable(module, x), x, repeats)
+    return time_modules([module], x, runtime, repeats)[0]
 
 
 def measure_components(tcfg: dict, runtime: str, batch: int = 1, repeats: int = DEFAULT_REPEATS) -> dict:
     """The component tables of a profile (see the module docstring) for `tcfg`'s grid."""
     N, D = num_tokens(tcfg), tcfg["head_dim"]
     H = max(b["num_heads"] for b in tcfg["blocks"])
-    dg = widths(tcfg["embed_dim"])
-    mg = widths(max(b["mlp_hidden"] for b in tcfg["blocks"]))
+    dg, mg = grids(tcfg)
     images = torch.randn(batch, tcfg["in_chans"], *tcfg["img_size"])
     torch.manual_seed(0)
     stem, attn, mlp = [], [], []
     for d in dg:
         x = torch.randn(batch, N, d)
-        stem.append(time_module(_Stem(tcfg, d), images, runtime, repeats))
-        attn.append([time_module(_AttnHalf(d, h, D, tcfg["qkv_bias"]), x, runtime, repeats) for h in range(1, H + 1)])
-        mlp.append([time_module(_MlpHalf(d, m), x, runtime, repeats) for m in mg])
+        stem.append(time_module(_Tokens(SubViT(uniform_config(tcfg, d, 0, 1, 1))), images, runtime, repeats))
+        parts = [_AttnHalf(d, h, D, tcfg["qkv_bias"]) for h in range(1, H + 1)] + [_MlpHalf(d, m) for m in mg]
+        times = time_modules(parts, x, runtime, repeats)
+        attn.append(times[:H])
+        mlp.append(times[H:])
     return {"d_grid": dg, "m_grid": mg, "stem": stem, "attn": attn, "mlp": mlp}
 
 
@@ -169,8 +206,7 @@ def measure_teacher(teacher: nn.Module, runtime: str, batch: int = 1, repeats: i
         from ..engines import ort_sender
 
         with torch.no_grad():
-            fn = _ort_callable(t, x, ort_sender.onnx_bytes(t, torch.randn(2, c, h, w)))
-            return best_time(fn, x, repeats)
+            return _ort_time(ort_sender.onnx_bytes(t, torch.randn(2, c, h, w)), x, repeats)
     finally:
         t.train(was)
 
@@ -188,7 +224,8 @@ def probe_configs(tcfg: dict) -> list[dict]:
 def measure_probes(tcfg: dict, runtime: str, batch: int = 1, repeats: int = DEFAULT_REPEATS) -> list[tuple[dict, float]]:
     """(config, seconds per call) of the `probe_configs` run whole on `runtime` (random weights)."""
     torch.manual_seed(0)
-    return [(c, measure_submodel(SubViT(c), runtime, batch, repeats)) for c in probe_configs(tcfg)]
+    images = torch.randn(batch, tcfg["in_chans"], *tcfg["img_size"])
+    return [(c, time_module(_Tokens(SubViT(c)), images, runtime, repeats)) for c in probe_configs(tcfg)]
 
 
 def measure_submodel(sub: nn.Module, runtime: str, batch: int = 1, repeats: int = DEFAULT_REPEATS) -> float:
