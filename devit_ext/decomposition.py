@@ -3,9 +3,12 @@
     model = devit_ext.decompose(teacher, 4)                       # 4 devices, 10% of the teacher's FLOPs each
     model = devit_ext.decompose(teacher, 2, budgets=[0.3, 0.1])   # heterogeneous devices
     model = devit_ext.decompose(vit_l, 4, budgets=[{"embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_hidden": 768}] * 4)
+    model = devit_ext.decompose(teacher, 4, budgets=[{"latency": 0.1}] * 4)  # 1/10 of its latency on torch (CPU)
+    model = devit_ext.decompose(teacher, 4, budgets=[{"latency_ms": 12.0}] * 4, runtime="onnxruntime")
 
 Steps: validate the teacher (`shapes.teacher_config`) and the arguments; turn
-each device's budget into a sub-model shape (`budgets.py`); split the classes into groups
+each device's budget into a sub-model shape (`budgets.py`; latencies from a
+measured, cached profile: `devit_ext.latency`); split the classes into groups
 (`partition.py`); score the teacher's units for each group (`importance.py`);
 slice the teacher's weights down to the kept units (`prune`); initialise the
 fusion head from the teacher (`init_fusion`).
@@ -402,7 +405,8 @@ def decompose(
         "kept_blocks": kept_blocks,
         "kept_embed": [e.tolist() for e in kept_embed],
         "latency": None if lat is None else lat.info | {
-            "predicted_ms": [1e3 * lat.predict(shape_config(tcfg, s["embed_dim"], s["blocks"], 1)) for s in shapes]},
+            "predicted_ms": [1e3 * lat.predict(shape_config(tcfg, s["embed_dim"], s["blocks"], 1)) for s in shapes],
+            "checks": list(getattr(lat.model, "extra", {}).get("checks", []))},
     }
     model = DeViT(subs, groups, fusion, meta)
     if fusion_init == "lstsq":

@@ -58,6 +58,7 @@ def resolve_latency(teacher, tcfg: dict, runtime, latency) -> Latency:
 
 
 def _from_profile(prof: LatencyProfile, tcfg: dict, source: str) -> Latency:
+    prof.extra["checks"] = []  # this decomposition's whole-model checks (`search.refine`)
     predicted = prof.predict(tcfg)
     measured = prof.teacher_s / prof.batch if prof.teacher_s else None
     info = {"runtime": prof.runtime, "runtime_version": prof.key.get("runtime_version"), "source": source,

@@ -221,11 +221,17 @@ def probe_configs(tcfg: dict) -> list[dict]:
             uniform_config(tcfg, r8(dT / 2), max(1, LT // 2), max(1, HT // 2), r8(MT / 2))]
 
 
+def measure_config(cfg: dict, runtime: str, batch: int = 1, repeats: int = DEFAULT_REPEATS) -> float:
+    """Seconds per call of a whole SubViT of config `cfg` (random weights) up to its tokens, timed as
+    the profile's components are."""
+    torch.manual_seed(0)
+    images = torch.randn(batch, cfg["in_chans"], *cfg["img_size"])
+    return time_module(_Tokens(SubViT(cfg)), images, runtime, repeats)
+
+
 def measure_probes(tcfg: dict, runtime: str, batch: int = 1, repeats: int = DEFAULT_REPEATS) -> list[tuple[dict, float]]:
     """(config, seconds per call) of the `probe_configs` run whole on `runtime` (random weights)."""
-    torch.manual_seed(0)
-    images = torch.randn(batch, tcfg["in_chans"], *tcfg["img_size"])
-    return [(c, time_module(_Tokens(SubViT(c)), images, runtime, repeats)) for c in probe_configs(tcfg)]
+    return [(c, measure_config(c, runtime, batch, repeats)) for c in probe_configs(tcfg)]
 
 
 def measure_submodel(sub: nn.Module, runtime: str, batch: int = 1, repeats: int = DEFAULT_REPEATS) -> float:

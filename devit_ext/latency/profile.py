@@ -109,6 +109,26 @@ class LatencyProfile:
     def predict(self, cfg: dict) -> float:
         return predict(self, cfg)
 
+    @property
+    def checks(self) -> list:
+        """What `search.refine` checked on whole models (kept in `extra`, so in the saved file too)."""
+        return self.extra.setdefault("checks", [])
+
+    def measure_here(self) -> None:
+        """Let the search check its trades on whole models measured here (`cache.cached_profile` does
+        this for the profiles it measures or reads: they describe this machine)."""
+        from .measure import measure_config
+
+        memo: dict = {}
+
+        def whole(cfg: dict) -> float:
+            k = describe_shape(cfg)
+            if k not in memo:
+                memo[k] = measure_config(cfg, self.runtime, self.batch, int(self.key.get("repeats", 3))) / self.batch
+            return memo[k]
+
+        self.measure_whole = whole
+
     def covers(self, tcfg: dict) -> str | None:
         """None when this profile can price every shape of `tcfg`'s search, else what does not match."""
         k = self.key
@@ -155,14 +175,16 @@ def fit_calibration(raw: LatencyProfile, points: list[tuple[dict, float]]) -> di
     """measured = scale x (sum of components) + per_block_s x blocks, least squares over whole models.
 
     Why: each component is timed alone, its weights and activations staying in the cache from one
-    call to the next; in a whole model every block's weights come from further away, and more so
-    the more blocks there are (at load 8 on 2 cores, one thread: ViT-S/16 measured 1.12x the sum of
-    its components, a d128 L9 sub-model 1.32x). `points`: (config, measured seconds per call);
-    per_block_s is kept >= 0.
+    call to the next; in a whole model every block's weights come from further away, and there are
+    the block's own calls (at load 8 on 2 cores, one thread, torch: a d128 L9 sub-model measured 1.26x
+    the sum of its components, d192 L6 1.20x). `points`: (config, measured seconds per call);
+    per_block_s is kept >= 0; no points: no correction.
     """
+    if not points:
+        return {}
     A = torch.tensor([[raw.predict(c) * raw.batch, float(len(c["blocks"]))] for c, _ in points], dtype=torch.float64)
     y = torch.tensor([t for _, t in points], dtype=torch.float64)
-    sol = torch.linalg.lstsq(A, y[:, None]).solution[:, 0]
+    sol = torch.linalg.lstsq(A, y[:, None]).solution[:, 0] if len(points) > 1 else torch.tensor([-1.0, -1.0])
     scale, per_block = float(sol[0]), float(sol[1])
     if per_block < 0 or scale <= 0:
         scale, per_block = float((A[:, 0] * y).sum() / (A[:, 0] ** 2).sum()), 0.0
