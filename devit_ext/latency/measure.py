@@ -15,8 +15,8 @@ A component is called once to warm up, then `repeats` times; its time is the fas
 call (the one least disturbed by other processes on a shared machine), on the process's
 CPU-time clock when torch runs on one thread, else on the wall clock (`clock_name`). Runtimes:
 "torch" (eager, CPU, float32, under inference_mode, torch's current thread count) and
-"onnxruntime" (the components of one width exported together with torch's
-TorchScript-based ONNX exporter, ~1 s for 26 graphs where the dynamo exporter takes
+"onnxruntime" (the components of one embed width exported together with torch's
+TorchScript-based ONNX exporter, one export per width where the dynamo exporter takes
 seconds per graph, each one's graph cut out with `onnx.utils.Extractor` and run in its
 own session with the local engine's options, `ort_sender.session_options`). The teacher
 is timed whole on the same runtime (onnxruntime: exported by `ort_sender.onnx_bytes`,
