@@ -188,6 +188,21 @@ def resolve_budgets(tcfg: dict, num_devices: int, budgets, latency=None) -> tupl
     return shapes, targets
 
 
+def latency_for(teacher, tcfg: dict, budgets, runtime, latency):
+    """The `devit_ext.latency.Latency` that `decompose(..., runtime=, latency=)` asks for, or None when
+    neither they nor a latency budget are given. Bad latency budgets fail before a profile is measured."""
+    idx = latency_keys(budgets)
+    if runtime is None and latency is None and not idx:
+        return None
+    for i in idx:
+        check_latency_budget(f"budgets[{i}]", budgets[i])
+    if is_cct(tcfg):
+        raise ValueError("runtime / latency: latency-aware decomposition applies to ViT teachers, not a CCT")
+    from .latency import resolve_latency
+
+    return resolve_latency(teacher, tcfg, runtime, latency)
+
+
 def check_latency_budget(where: str, b: dict) -> tuple[str, float]:
     """(kind, value) of a latency budget, or a clear error (checked before any profile is measured)."""
     if len(set(b) & set(COST_KEYS)) > 1:

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from . import importance as imp
 from . import partition as part
-from .budgets import check_latency_budget, latency_keys, resolve_budgets
+from .budgets import latency_for, resolve_budgets
 from .cct.shapes import student_config
 from .model import DeViT, FusionHead, build_submodel, teacher_config, teacher_tokens
 from .checks import is_int, is_number
@@ -324,16 +324,7 @@ def decompose(
     if needs_data and data is None:
         raise ValueError(f"data: {' and '.join(needs_data)} needs data (an iterable of (images, labels) batches)")
 
-    lat = None
-    lat_idx = latency_keys(budgets)
-    if runtime is not None or latency is not None or lat_idx:
-        for i in lat_idx:  # bad values fail before a profile is measured
-            check_latency_budget(f"budgets[{i}]", budgets[i])
-        if is_cct(tcfg):
-            raise ValueError("runtime / latency: latency-aware decomposition applies to ViT teachers, not a CCT")
-        from .latency import resolve_latency
-
-        lat = resolve_latency(teacher, tcfg, runtime, latency)
+    lat = latency_for(teacher, tcfg, budgets, runtime, latency)
     shapes, targets = resolve_budgets(tcfg, num_devices, budgets, lat)
     if explicit:
         groups = part.check_groups(partition, C, num_devices)
