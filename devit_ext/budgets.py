@@ -107,8 +107,9 @@ def search_shape(tcfg: dict, target: float, kind: str = "flops") -> dict:
 
 def resolve_budgets(tcfg: dict, num_devices: int, budgets, latency=None) -> tuple[list[dict], list[dict]]:
     """Per device: (shape, target) where target is {"kind", "value"} (+ "predicted_s" with a latency model)
-    or None for explicit shapes. `latency`: a `devit_ext.latency.Latency`, needed by latency budgets; with
-    it, FLOPs / params budgets also trade heads and MLP width for speed (`latency.search.refine`)."""
+    or None for explicit shapes. `latency`: a `devit_ext.latency.Latency` (passed in: this module does not
+    import it), needed by latency budgets (`Latency.budget`); with it, FLOPs / params budgets also trade
+    heads and MLP width for speed (`Latency.refine`)."""
     teacher_flops = flops_of(tcfg, include_head=True)
     teacher_params = params_of(tcfg)
     inner = list(tcfg.get("conv_channels", [])) if is_cct(tcfg) else []  # a CCT's inner tokenizer channels
@@ -135,7 +136,10 @@ def resolve_budgets(tcfg: dict, num_devices: int, budgets, latency=None) -> tupl
         elif isinstance(b, dict) and len(set(b) & set(COST_KEYS)) > 1:
             raise ValueError(f"{where}: give one budget per device, one of {list(COST_KEYS)}, got {sorted(b)}")
         elif isinstance(b, dict) and set(b) in ({"latency"}, {"latency_ms"}):
-            shape, target = _latency_budget(where, tcfg, b, latency)
+            check_latency_budget(where, b)
+            if latency is None:
+                raise ValueError(f"{where}: a latency budget needs a latency model (decompose's runtime= or latency=)")
+            shape, target = latency.budget(where, tcfg, b)
             shapes.append(shape)
             targets.append(target)
             continue
@@ -179,28 +183,11 @@ def resolve_budgets(tcfg: dict, num_devices: int, budgets, latency=None) -> tupl
             )
         target = {"kind": kind, "value": value}
         if latency is not None:
-            from .latency.search import refine
-
-            shape = refine(tcfg, shape, latency.model, kind, value)
+            shape = latency.refine(tcfg, shape, kind, value)
             target["predicted_s"] = latency.predict(shape_config(tcfg, shape["embed_dim"], shape["blocks"], 1))
         shapes.append(shape)
         targets.append(target)
     return shapes, targets
-
-
-def latency_for(teacher, tcfg: dict, budgets, runtime, latency):
-    """The `devit_ext.latency.Latency` that `decompose(..., runtime=, latency=)` asks for, or None when
-    neither they nor a latency budget are given. Bad latency budgets fail before a profile is measured."""
-    idx = latency_keys(budgets)
-    if runtime is None and latency is None and not idx:
-        return None
-    for i in idx:
-        check_latency_budget(f"budgets[{i}]", budgets[i])
-    if is_cct(tcfg):
-        raise ValueError("runtime / latency: latency-aware decomposition applies to ViT teachers, not a CCT")
-    from .latency import resolve_latency
-
-    return resolve_latency(teacher, tcfg, runtime, latency)
 
 
 def check_latency_budget(where: str, b: dict) -> tuple[str, float]:
@@ -213,32 +200,6 @@ def check_latency_budget(where: str, b: dict) -> tuple[str, float]:
     if kind == "latency" and value > 1:
         raise ValueError(f"{where}: latency is a fraction in (0, 1] of the teacher's latency, got {value}")
     return kind, float(value)
-
-
-def _latency_budget(where: str, tcfg: dict, b: dict, latency) -> tuple[dict, dict]:
-    """{"latency": f}: f in (0, 1] of the teacher's latency on the runtime; {"latency_ms": x}: x ms per image."""
-    from .latency.search import refine, search_latency
-
-    kind, value = check_latency_budget(where, b)
-    if latency is None:
-        raise ValueError(f"{where}: a latency budget needs a latency model (decompose's runtime= or latency=)")
-    if is_cct(tcfg):
-        raise ValueError(f"{where}: latency budgets apply to ViT teachers; use a FLOPs budget for a CCT")
-    teacher_ms = 1e3 * latency.teacher_s
-    if kind == "latency":
-        target = float(value) * latency.teacher_s
-    else:
-        if value > teacher_ms:
-            raise ValueError(f"{where}: latency_ms={value:.4g} exceeds the teacher's {teacher_ms:.4g} ms "
-                             f"on {latency.info.get('runtime')}")
-        target = float(value) / 1e3
-    shape = refine(tcfg, search_latency(tcfg, target, latency.model), latency.model, "latency", target)
-    got = latency.predict(shape_config(tcfg, shape["embed_dim"], shape["blocks"], 1))
-    if got > target * (1 + 1e-9):
-        raise ValueError(
-            f"{where}: no sub-model shape has a predicted latency at most {1e3 * target:.4g} ms on "
-            f"{latency.info.get('runtime')} (fastest: {1e3 * got:.4g} ms); raise the budget")
-    return shape, {"kind": "latency", "value": target, "predicted_s": got}
 
 
 def _check_conv_channels(where: str, chans, inner: list[int]) -> None:

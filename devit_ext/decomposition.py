@@ -22,8 +22,9 @@ import torch.nn as nn
 
 from . import importance as imp
 from . import partition as part
-from .budgets import latency_for, resolve_budgets
+from .budgets import resolve_budgets
 from .cct.shapes import student_config
+from .latency import latency_for
 from .model import DeViT, FusionHead, build_submodel, teacher_config, teacher_tokens
 from .checks import is_int, is_number
 from .shapes import attention_record, final_norm_name, flops_of, head_names, is_cct, params_of, shape_config

@@ -303,6 +303,8 @@ def test_real_profile_on_torch(vit, tmp_path, one_thread):
     m = devit_ext.decompose(vit, 2, budgets=[{"latency": 0.5}] * 2, latency=prof)
     pred = m.meta["latency"]["predicted_ms"]
     assert all(p <= 0.5 * 1e3 * prof.teacher_s * (1 + 1e-9) for p in pred)
+    assert m.meta["latency"]["runtime"] == "torch" and m.meta["latency"]["source"] == "given profile"
+    json.dumps(m.meta)
     # the model against a direct measurement of the sub-model it chose (wide bounds: a tiny model's
     # time is mostly per-call overhead, which a loaded machine's caches and frequency move)
     measured = L.measure_submodel(m.submodels[0], "torch", repeats=5)

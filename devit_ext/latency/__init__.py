@@ -12,6 +12,8 @@ or function cfg -> seconds per image. The search uses it through `search.py`.
 """
 from __future__ import annotations
 
+from ..budgets import check_latency_budget, latency_keys
+from ..shapes import is_cct, shape_config
 from .cache import cached_profile, default_dir, profile_key
 from .measure import RUNTIMES, check_runtime, measure_submodel, measure_teacher
 from .profile import FunctionLatency, LatencyProfile, predict
@@ -19,7 +21,7 @@ from .search import LATENCY_GAIN, LATENCY_WINDOW, refine, search_latency
 
 __all__ = ["RUNTIMES", "FunctionLatency", "LatencyProfile", "LATENCY_GAIN", "LATENCY_WINDOW", "cached_profile",
            "check_runtime", "default_dir", "measure_submodel", "measure_teacher", "predict", "profile_key",
-           "refine", "search_latency", "resolve_latency"]
+           "refine", "search_latency", "latency_for", "resolve_latency"]
 
 
 class Latency:
@@ -30,6 +32,43 @@ class Latency:
 
     def predict(self, cfg: dict) -> float:
         return float(self.model.predict(cfg))
+
+    def refine(self, tcfg: dict, shape: dict, kind: str, target: float) -> dict:
+        """A FLOPs / params budget's shape with heads and MLP width traded for speed (`search.refine`)."""
+        return refine(tcfg, shape, self.model, kind, target)
+
+    def budget(self, where: str, tcfg: dict, b: dict) -> tuple[dict, dict]:
+        """(shape, target) for {"latency": f} (f of the teacher's latency on the runtime) or
+        {"latency_ms": x} (x ms per image): predicted at most the target, or a clear error."""
+        kind, value = check_latency_budget(where, b)
+        teacher_ms = 1e3 * self.teacher_s
+        if kind == "latency":
+            target = value * self.teacher_s
+        else:
+            if value > teacher_ms:
+                raise ValueError(f"{where}: latency_ms={value:.4g} exceeds the teacher's {teacher_ms:.4g} ms "
+                                 f"on {self.info.get('runtime')}")
+            target = value / 1e3
+        shape = refine(tcfg, search_latency(tcfg, target, self.model), self.model, "latency", target)
+        got = self.predict(shape_config(tcfg, shape["embed_dim"], shape["blocks"], 1))
+        if got > target * (1 + 1e-9):
+            raise ValueError(
+                f"{where}: no sub-model shape has a predicted latency at most {1e3 * target:.4g} ms on "
+                f"{self.info.get('runtime')} (fastest: {1e3 * got:.4g} ms); raise the budget")
+        return shape, {"kind": "latency", "value": target, "predicted_s": got}
+
+
+def latency_for(teacher, tcfg: dict, budgets, runtime, latency) -> Latency | None:
+    """The `Latency` that `decompose(..., budgets=, runtime=, latency=)` asks for, or None when neither
+    runtime nor latency nor a latency budget is given. Bad latency budgets fail before a profile is measured."""
+    idx = latency_keys(budgets)
+    if runtime is None and latency is None and not idx:
+        return None
+    for i in idx:
+        check_latency_budget(f"budgets[{i}]", budgets[i])
+    if is_cct(tcfg):
+        raise ValueError("runtime / latency: latency-aware decomposition applies to ViT teachers, not a CCT")
+    return resolve_latency(teacher, tcfg, runtime, latency)
 
 
 def resolve_latency(teacher, tcfg: dict, runtime, latency) -> Latency:

@@ -17,7 +17,6 @@ import time
 
 import torch
 
-from ..run_dir import write_atomic  # a reader sees the old file or the new one, never half of one
 from ..shapes import num_tokens
 from .measure import (DEFAULT_REPEATS, check_runtime, clock_name, measure_components, measure_probes, measure_teacher,
                       grids)

@@ -161,7 +161,7 @@ class LatencyProfile:
         return p
 
     def save(self, path: str) -> None:
-        from ..run_dir import write_atomic
+        from ..model_files import write_atomic
 
         write_atomic(path, json.dumps(self.to_dict(), indent=1))
 
