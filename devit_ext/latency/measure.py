@@ -8,7 +8,7 @@ teacher's tokens N, head width D and the profile's batch:
 - a block's attention half (norm1, qkv, softmax(q k^T) v for h heads, proj, residual) at
   every grid width d and every head count h = 1..H_T;
 - a block's MLP half (norm2, fc1, GELU, fc2, residual) at every (d, m) of the grid;
-- two whole uniform models (`probe_configs`), which with the teacher calibrate the sum of
+- two whole uniform models (`probe_configs`), which calibrate the sum of
   components to whole models (`profile.fit_calibration`: a scale and a cost per block).
 
 A component is called once to warm up, then `repeats` times; its time is the fastest
