@@ -176,8 +176,8 @@ def fit_calibration(raw: LatencyProfile, points: list[tuple[dict, float]]) -> di
 
     Why: each component is timed alone, its weights and activations staying in the cache from one
     call to the next; in a whole model every block's weights come from further away, and there are
-    the block's own calls (at load 8 on 2 cores, one thread, torch: a d128 L9 sub-model measured 1.26x
-    the sum of its components, d192 L6 1.20x). `points`: (config, measured seconds per call);
+    the block's own calls (at load 8 on 2 cores, one thread, torch: a d128 L9 sub-model measured 1.21x
+    the sum of its components, d192 L6 1.13x). `points`: (config, measured seconds per call);
     per_block_s is kept >= 0; no points: no correction.
     """
     if not points:
