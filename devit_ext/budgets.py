@@ -1,11 +1,13 @@
 """Budgets -> sub-model shapes: what `decompose(..., budgets=...)` accepts and the shape search.
 
 A device's budget is a fraction of the teacher's FLOPs, `{"flops": n}` or
-`{"params": n}`, or an explicit shape `{"embed_dim", "depth", "num_heads",
-"mlp_hidden"}`; `resolve_budgets` turns N of them into N shapes (each within
-`BUDGET_TOL` of its target, or a clear error naming the device), with
-`search_shape` picking the uniform ViT closest to a target cost. Costs come
-from `devit_ext.shapes`.
+`{"params": n}`, a latency on a runtime, `{"latency": f}` (of the teacher's)
+or `{"latency_ms": x}`, or an explicit shape `{"embed_dim", "depth",
+"num_heads", "mlp_hidden"}`; `resolve_budgets` turns N of them into N shapes
+(each within `BUDGET_TOL` of its FLOPs / params target, at most its latency
+target, or a clear error naming the device), with `search_shape` picking the
+uniform ViT closest to a target cost. Costs come from `devit_ext.shapes`,
+latencies from a latency model (`devit_ext.latency`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,14 @@ DEFAULT_TOTAL_FRACTION = 0.4  # default: all devices together get 40% of the tea
 SEARCH_TOL = 0.03  # shape search aims within 3% of the budget ...
 BUDGET_TOL = 0.10  # ... and fails loudly beyond 10%
 SHAPE_KEYS = ("embed_dim", "depth", "num_heads", "mlp_hidden")
+COST_KEYS = ("flops", "params", "latency", "latency_ms")  # one per device
+
+
+def latency_keys(budgets) -> list[int]:
+    """Indices of the budgets that are latencies ({"latency": f} or {"latency_ms": x})."""
+    if not isinstance(budgets, (list, tuple)):
+        return []
+    return [i for i, b in enumerate(budgets) if isinstance(b, dict) and set(b) & {"latency", "latency_ms"}]
 
 
 def _dims(limit: int) -> list[int]:
@@ -27,6 +37,12 @@ def _dims(limit: int) -> list[int]:
     if limit < 16:
         return list(range(1, limit + 1))
     return sorted(set(range(8, limit + 1, 8)) | {limit})
+
+
+def penalty(d, h, L, m, D: int, ratio: float, L_pref: float) -> torch.Tensor:
+    """How far a shape is from the teacher's proportions (0: embed = heads x head width, the teacher's MLP
+    ratio, the preferred depth); tensors broadcast."""
+    return (d / (h * D)).log().abs() + (m / (ratio * d)).log().abs() + 0.5 * (L / L_pref).log().abs()
 
 
 def search_shape(tcfg: dict, target: float, kind: str = "flops") -> dict:
@@ -81,7 +97,7 @@ def search_shape(tcfg: dict, target: float, kind: str = "flops") -> dict:
     m = torch.stack(cands)  # (2, nd, nh, nL)
     c = c0 + L * (cl + cm * m)
     err = (c / target - 1).abs()
-    pen = (d / (h * D)).log().abs() + (m / (ratio * d)).log().abs() + 0.5 * (L / L_pref).log().abs()
+    pen = penalty(d, h, L, m, D, ratio, L_pref)
     key = torch.where(err <= SEARCH_TOL, pen + err, 1e6 + err)
     i = int(torch.argmin(key.flatten()))  # first minimum: deterministic
     _, di, hi, li = torch.unravel_index(torch.tensor(i), key.shape)
@@ -89,8 +105,11 @@ def search_shape(tcfg: dict, target: float, kind: str = "flops") -> dict:
     return {"embed_dim": d, "depth": L, "num_heads": h, "mlp_hidden": m, "blocks": [{"num_heads": h, "mlp_hidden": m}] * L}
 
 
-def resolve_budgets(tcfg: dict, num_devices: int, budgets) -> tuple[list[dict], list[dict]]:
-    """Per device: (shape, target) where target is {"kind", "value"} or None for explicit shapes."""
+def resolve_budgets(tcfg: dict, num_devices: int, budgets, latency=None) -> tuple[list[dict], list[dict]]:
+    """Per device: (shape, target) where target is {"kind", "value"} (+ "predicted_s" with a latency model)
+    or None for explicit shapes. `latency`: a `devit_ext.latency.Latency` (passed in: this module does not
+    import it), needed by latency budgets (`Latency.budget`); with it, FLOPs / params budgets also trade
+    heads and MLP width for speed (`Latency.refine`)."""
     teacher_flops = flops_of(tcfg, include_head=True)
     teacher_params = params_of(tcfg)
     inner = list(tcfg.get("conv_channels", [])) if is_cct(tcfg) else []  # a CCT's inner tokenizer channels
@@ -114,6 +133,16 @@ def resolve_budgets(tcfg: dict, num_devices: int, budgets) -> tuple[list[dict], 
             if not (0 < b <= 1):
                 raise ValueError(f"{where}: fraction of the teacher's FLOPs must be in (0, 1], got {b}")
             kind, value = "flops", float(b) * teacher_flops
+        elif isinstance(b, dict) and len(set(b) & set(COST_KEYS)) > 1:
+            raise ValueError(f"{where}: give one budget per device, one of {list(COST_KEYS)}, got {sorted(b)}")
+        elif isinstance(b, dict) and set(b) in ({"latency"}, {"latency_ms"}):
+            check_latency_budget(where, b)
+            if latency is None:
+                raise ValueError(f"{where}: a latency budget needs a latency model (decompose's runtime= or latency=)")
+            shape, target = latency.budget(where, tcfg, b)
+            shapes.append(shape)
+            targets.append(target)
+            continue
         elif isinstance(b, dict) and set(b) == {"flops"} or isinstance(b, dict) and set(b) == {"params"}:
             kind, value = next(iter(b.items()))
             full = teacher_flops if kind == "flops" else teacher_params
@@ -140,7 +169,8 @@ def resolve_budgets(tcfg: dict, num_devices: int, budgets) -> tuple[list[dict], 
             continue
         else:
             raise ValueError(
-                f"{where}: expected a fraction in (0, 1], {{'flops': n}}, {{'params': n}} or an explicit shape "
+                f"{where}: expected a fraction in (0, 1], {{'flops': n}}, {{'params': n}}, {{'latency': f}}, "
+                f"{{'latency_ms': x}} or an explicit shape "
                 f"with exactly the keys {list(SHAPE_KEYS)} (a CCT's may add 'conv_channels'), got {b!r}"
             )
         shape = search_shape(tcfg, value, kind)
@@ -151,9 +181,25 @@ def resolve_budgets(tcfg: dict, num_devices: int, budgets) -> tuple[list[dict], 
                 f"{where}: no sub-model shape has {kind} within {BUDGET_TOL:.0%} of {value:.4g} "
                 f"(closest: {got:.4g}); the smallest possible model is larger, raise the budget"
             )
+        target = {"kind": kind, "value": value}
+        if latency is not None:
+            shape = latency.refine(tcfg, shape, kind, value)
+            target["predicted_s"] = latency.predict(shape_config(tcfg, shape["embed_dim"], shape["blocks"], 1))
         shapes.append(shape)
-        targets.append({"kind": kind, "value": value})
+        targets.append(target)
     return shapes, targets
+
+
+def check_latency_budget(where: str, b: dict) -> tuple[str, float]:
+    """(kind, value) of a latency budget, or a clear error (checked before any profile is measured)."""
+    if len(set(b) & set(COST_KEYS)) > 1:
+        raise ValueError(f"{where}: give one budget per device, one of {list(COST_KEYS)}, got {sorted(b)}")
+    kind, value = next(iter(b.items()))
+    if not is_number(value) or not value > 0:
+        raise ValueError(f"{where}: {kind} must be a positive number, got {value!r}")
+    if kind == "latency" and value > 1:
+        raise ValueError(f"{where}: latency is a fraction in (0, 1] of the teacher's latency, got {value}")
+    return kind, float(value)
 
 
 def _check_conv_channels(where: str, chans, inner: list[int]) -> None:

@@ -3,9 +3,12 @@
     model = devit_ext.decompose(teacher, 4)                       # 4 devices, 10% of the teacher's FLOPs each
     model = devit_ext.decompose(teacher, 2, budgets=[0.3, 0.1])   # heterogeneous devices
     model = devit_ext.decompose(vit_l, 4, budgets=[{"embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_hidden": 768}] * 4)
+    model = devit_ext.decompose(teacher, 4, budgets=[{"latency": 0.1}] * 4)  # 1/10 of its latency on torch (CPU)
+    model = devit_ext.decompose(teacher, 4, budgets=[{"latency_ms": 12.0}] * 4, runtime="onnxruntime")
 
 Steps: validate the teacher (`shapes.teacher_config`) and the arguments; turn
-each device's budget into a sub-model shape (`budgets.py`); split the classes into groups
+each device's budget into a sub-model shape (`budgets.py`; latencies from a
+measured, cached profile: `devit_ext.latency`); split the classes into groups
 (`partition.py`); score the teacher's units for each group (`importance.py`);
 slice the teacher's weights down to the kept units (`prune`); initialise the
 fusion head from the teacher (`init_fusion`).
@@ -21,9 +24,10 @@ from . import importance as imp
 from . import partition as part
 from .budgets import resolve_budgets
 from .cct.shapes import student_config
+from .latency import latency_for
 from .model import DeViT, FusionHead, build_submodel, teacher_config, teacher_tokens
 from .checks import is_int, is_number
-from .shapes import final_norm_name, flops_of, head_names, is_cct, params_of, shape_config
+from .shapes import attention_record, final_norm_name, flops_of, head_names, is_cct, params_of, shape_config
 
 # ---------------------------------------------------------------------------
 # Physical pruning
@@ -216,6 +220,8 @@ def decompose(
     fusion_init: str = "scatter",
     max_samples: int = 256,
     batch_size: int = 32,
+    runtime: str | None = None,
+    latency: Any = None,
 ) -> DeViT:
     """Decompose a timm ViT `teacher` into `num_devices` class-specialised, physically pruned sub-models.
 
@@ -231,8 +237,13 @@ def decompose(
             FLOPs (`meta["teacher_flops"]`, one image, head included),
             `{"flops": n}`, `{"params": n}` (parameters the device runs), or an
             explicit shape `{"embed_dim", "depth", "num_heads", "mlp_hidden"}`
-            (honoured exactly; uniform blocks). FLOPs/params budgets are met
-            within 10% (`search_shape`). Default: every device the same, all
+            (honoured exactly; uniform blocks), or a latency per image on
+            `runtime`: `{"latency": f}` (f in (0, 1] of the teacher's latency
+            measured there) or `{"latency_ms": x}`. FLOPs/params budgets are
+            met within 10% (`search_shape`); a latency budget is a cap: the
+            predicted latency is at most it (the search aims within 6%
+            below it, `devit_ext.latency.search_latency`; `meta["latency"]`
+            holds each device's prediction). Default: every device the same, all
             together 40% of the teacher's FLOPs (0.4 / N each).
         partition: "random" (the paper: seeded shuffle, contiguous chunks, the
             last takes the remainder), "similarity" (balanced clustering of the
@@ -257,6 +268,21 @@ def decompose(
             tokens, shrunk towards the scatter init: `fit_fusion_map`).
         max_samples, batch_size: how many images of `data` to use, and the
             teacher's batch size on them.
+        runtime: where the sub-models' latency is measured: "torch" (eager,
+            CPU, float32; the default for latency budgets) or "onnxruntime"
+            (an error when it does not import here). Latency budgets are
+            priced on it; given with FLOPs / params budgets, the search also
+            trades heads and MLP width for speed at equal cost
+            (`devit_ext.latency.search.refine`). The teacher's profile on it
+            is measured once (seconds) and cached on disk
+            (`devit_ext.latency.cached_profile`); `meta["latency"]` says which
+            runtime, the teacher's measured and predicted ms, and each
+            device's predicted ms.
+        latency: instead of the measured profile, a
+            `devit_ext.latency.LatencyProfile` (e.g. `LatencyProfile.load(path)`)
+            or a function cfg -> seconds per image (a sub-model config,
+            `devit_ext.shapes.shape_config`); the teacher's latency is then
+            the function's value for the teacher's config.
 
     Returns a `DeViT` on the teacher's device. Sub-model heads are the
     teacher's classifier rows for the group's classes (on the kept channels);
@@ -302,7 +328,8 @@ def decompose(
     if needs_data and data is None:
         raise ValueError(f"data: {' and '.join(needs_data)} needs data (an iterable of (images, labels) batches)")
 
-    shapes, targets = resolve_budgets(tcfg, num_devices, budgets)
+    lat = latency_for(teacher, tcfg, budgets, runtime, latency)
+    shapes, targets = resolve_budgets(tcfg, num_devices, budgets, lat)
     if explicit:
         groups = part.check_groups(partition, C, num_devices)
 
@@ -359,6 +386,7 @@ def decompose(
         "teacher_depth": len(tcfg["blocks"]),
         "teacher_flops": flops_of(tcfg, include_head=True),
         "teacher_params": params_of(tcfg),
+        "teacher_attention": attention_record(tcfg),
         "distilled": tcfg["distilled"],
         "seed": int(seed),
         "partition": partition if isinstance(partition, str) else "explicit",
@@ -371,6 +399,9 @@ def decompose(
         # teacher block / embedding channel behind each sub-model block / channel (for feature matching)
         "kept_blocks": kept_blocks,
         "kept_embed": [e.tolist() for e in kept_embed],
+        "latency": None if lat is None else lat.info | {
+            "predicted_ms": [1e3 * lat.predict(shape_config(tcfg, s["embed_dim"], s["blocks"], 1)) for s in shapes],
+            "checks": list(getattr(lat.model, "extra", {}).get("checks", []))},
     }
     model = DeViT(subs, groups, fusion, meta)
     if fusion_init == "lstsq":

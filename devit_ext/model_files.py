@@ -1,4 +1,4 @@
-"""The files of a saved DeViT: content hash, config limits from the weights' header, atomic directory writes.
+"""The files of a saved DeViT: content hash, config limits from the weights' header, atomic directory (and text file) writes.
 
 A saved model is a directory holding `config.json` and `model.safetensors`
 (`devit_ext.model.DeViT.save` / `devit_ext.model.load`). This module is what
@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 import uuid
 from typing import Any, Callable
 
@@ -349,6 +350,21 @@ def clean_leftovers(path: str) -> list[str]:
         shutil.rmtree(full, ignore_errors=True)
         removed.append(full)
     return removed
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write a text file so that a reader never sees half of it."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def write_dir(path: str, write: Callable[[str], None]) -> None:

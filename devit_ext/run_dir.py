@@ -25,6 +25,8 @@ import shutil
 import tempfile
 from typing import Any
 
+from .model_files import write_atomic  # a text file a reader never sees half of (also the latency cache's)
+
 RUN_FILE = "run.json"
 ARGS_FILE = "args.yaml"
 DECOMPOSED_DIR = "decomposed"
@@ -47,21 +49,6 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write a text file so that a reader never sees half of it."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def build_beside(out: str, fill):

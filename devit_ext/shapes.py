@@ -71,6 +71,27 @@ def params_of(cfg: dict) -> int:
     return vit_params(cfg)
 
 
+def attention_flops(cfg: dict) -> int:
+    """FLOPs of the attention products (q k^T and attn v) alone, the part that grows with tokens^2 x heads."""
+    if is_cct(cfg):
+        from .cct.shapes import seq_len
+
+        n = seq_len(cfg)
+    else:
+        n = num_tokens(cfg)
+    return int(sum(2 * 2 * n * n * b["num_heads"] * cfg["head_dim"] for b in cfg["blocks"]))
+
+
+def head_layers(cfg: dict) -> int:
+    """Attention heads summed over blocks (each one an N x N softmax per image, whatever the width)."""
+    return int(sum(b["num_heads"] for b in cfg["blocks"]))
+
+
+def attention_record(cfg: dict) -> dict:
+    """What the summary shows of a teacher (kept in a DeViT's meta): shape, head-layers, attention FLOPs."""
+    return {"shape": describe_shape(cfg), "head_layers": head_layers(cfg), "flops": attention_flops(cfg)}
+
+
 def head_names(cfg: dict) -> list[str]:
     """Parameter prefixes of the teacher's classifier(s), one per fusion branch (class token, distillation)."""
     if is_cct(cfg):
@@ -215,21 +236,29 @@ def fmt_count(n: float) -> str:
 
 
 def summary_table(model, max_classes: int = 6) -> str:
-    """A text table: one row per device (classes, shape, params, FLOPs, share of the teacher's FLOPs)."""
+    """A text table: one row per device (classes, shape, params, FLOPs, share of the teacher's FLOPs,
+    head-layers = heads x blocks, attention share = the attention products' part of its FLOPs), the
+    fusion head, the total (head-layers summed over devices) and the teacher (when its blocks are known)."""
     tf = model.meta.get("teacher_flops")
-    rows = [("device", "classes", "shape", "params", "FLOPs", "% teacher")]
+    pct = lambda f: f"{100 * f / tf:.1f}" if tf else "-"  # noqa: E731
+    rows = [("device", "classes", "shape", "params", "FLOPs", "% teacher", "head-layers", "attn %")]
     for i, (m, g) in enumerate(zip(model.submodels, model.class_groups)):
         shown = ",".join(map(str, g[:max_classes])) + (",..." if len(g) > max_classes else "")
         f = m.flops()
         rows.append((str(i), f"{len(g)}: {shown}", describe_shape(m.cfg), fmt_count(m.num_params()),
-                     fmt_count(f), f"{100 * f / tf:.1f}" if tf else "-"))
+                     fmt_count(f), pct(f), str(head_layers(m.cfg)), f"{100 * attention_flops(m.cfg) / f:.1f}"))
     ff = model.fusion_flops()
     fp = sum(p.numel() for p in model.fusion.parameters())
     rows.append(("fusion", str(model.num_classes), f"{sum(model.widths)}->{model.meta.get('teacher_dim')}->{model.num_classes}",
-                 fmt_count(fp), fmt_count(ff), f"{100 * ff / tf:.1f}" if tf else "-"))
+                 fmt_count(fp), fmt_count(ff), pct(ff), "", ""))
     tot = sum(model.flops()) + ff
-    rows.append(("total", "", "", fmt_count(sum(model.num_params()) + fp), fmt_count(tot),
-                 f"{100 * tot / tf:.1f}" if tf else "-"))
+    att = sum(attention_flops(m.cfg) for m in model.submodels)
+    rows.append(("total", "", "", fmt_count(sum(model.num_params()) + fp), fmt_count(tot), pct(tot),
+                 str(sum(head_layers(m.cfg) for m in model.submodels)), f"{100 * att / tot:.1f}"))
+    t = model.meta.get("teacher_attention")  # absent in checkpoints written before it was recorded
+    if t and tf:
+        rows.append(("teacher", str(model.num_classes), t["shape"], fmt_count(model.meta.get("teacher_params", 0)),
+                     fmt_count(tf), "100.0", str(t["head_layers"]), f"{100 * t['flops'] / tf:.1f}"))
     w = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(r[c].ljust(w[c]) if c < 3 else r[c].rjust(w[c]) for c in range(len(r))).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * x for x in w))

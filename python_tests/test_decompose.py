@@ -511,8 +511,19 @@ def test_summary_table(vit):
     assert m.summary() == s
     lines = s.splitlines()
     assert "device" in lines[1] and "FLOPs" in lines[1]
-    assert len(lines) == 1 + 2 + 4 + 2
+    assert len(lines) == 1 + 2 + 4 + 3
     assert describe_shape(m.submodels[0].cfg) in s
+    assert "head-layers" in lines[1] and "attn %" in lines[1]
+    cols = {r.split()[0]: r.split() for r in lines[3:]}
+    hl = [sum(b["num_heads"] for b in sub.cfg["blocks"]) for sub in m.submodels]
+    n = 17  # (32 / 8)^2 patches + the class token
+    for i, sub in enumerate(m.submodels):
+        att = sum(4 * n * n * b["num_heads"] * 16 for b in sub.cfg["blocks"])  # head width 48 / 3
+        assert cols[str(i)][-2:] == [str(hl[i]), f"{100 * att / sub.flops():.1f}"]
+    assert cols["total"][-2] == str(sum(hl))
+    t_att = 4 * 4 * n * n * 48  # 4 blocks of 3 heads x 16
+    assert cols["teacher"][-2:] == ["12", f"{100 * t_att / m.meta['teacher_flops']:.1f}"]
+    assert cols["teacher"][2] == "d48" and "L4" in s and "h3" in s
 
 
 # ---------------------------------------------------------------------------

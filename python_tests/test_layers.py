@@ -25,7 +25,7 @@ LAYERS = [
     ("ground: ops", ["devit_ext.ops"]),
     ("ground: protocol", ["devit_ext.protocol", "devit_ext.wire", "devit_ext.auth"]),
     ("model", ["devit_ext.model", "devit_ext.model_files", "devit_ext.cct"]),
-    ("methods", ["devit_ext.budgets", "devit_ext.decomposition", "devit_ext.importance", "devit_ext.partition", "devit_ext.data",
+    ("methods", ["devit_ext.budgets", "devit_ext.latency", "devit_ext.decomposition", "devit_ext.importance", "devit_ext.partition", "devit_ext.data",
                  "devit_ext.checkpoint", "devit_ext.teacher", "devit_ext.dekd",
                  "devit_ext.training", "devit_ext.engines"]),
     ("top", ["devit_ext.evaluate", "devit_ext.export", "devit_ext.run_dir", "devit_ext.imagefolder",
