@@ -80,7 +80,8 @@ def test_bench_kernels_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_e2e_quick_tiny(tmp_path):
-    """ViT-S at 32 px, batch 2, without the spawned distributed row: every other row runs."""
+    """ViT-S at 32 px, batch 2, without the spawned distributed row: every other row runs; so do the CCT
+    teacher's and its DeCCT's rows (second table)."""
     r = run_cli(["bench", "e2e", "--quick", "--device", "cpu", "--out", "res"], tmp_path,
                 DEVIT_E2E_IMG="32", DEVIT_E2E_BATCHES="2", DEVIT_E2E_SKIP="distributed")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -102,6 +103,16 @@ def test_bench_e2e_quick_tiny(tmp_path):
     eng = by["local engine (ours, int8, onnxruntime sender)"] if "speedup_vs_ort" in base else by[local]
     assert lines["speedup vs teacher eager"]["value"] == pytest.approx(base["ms"] / eng["ms"], rel=1e-6)
     assert "not measured" in lines["peak RSS, engine / teacher eager"]["result"]  # --quick: no RSS processes
+    cct = {row["row"]: row for row in _rows(tmp_path / "res" / "e2e_e2e_cpu_cct_cpu.json")}
+    base = cct["CCT teacher eager"]
+    engine = cct["DeCCT local engine (ours, int8, torch sender)"]
+    for row in (base, cct["DeCCT naive loop eager"], engine, cct["DeCCT worker sub-model, torch runtime"]):
+        assert row["batch"] == 2 and row["ms"] > 0, row
+        assert row["speedup"] == pytest.approx(base["ms"] / row["ms"], rel=1e-6)  # against the CCT teacher
+    width = int(re.search(r"DeCCT \(d=(\d+),", r.stdout).group(1))
+    assert f"sender=torch; {width + 4} B/image/device" in engine["note"]  # the pooled vector in int8 + its scale
+    assert "ViT sub-models only" in cct["DeCCT local engine (ours, int8, onnxruntime sender)"]["note"]
+    assert "cct_14_7x2_224 (32 px" in r.stdout
 
 
 @pytest.mark.slow

@@ -83,13 +83,14 @@ class Setting:
         return note
 
     def _worker(self, name):
-        """Device 0's per-micro-batch compute in `devit-ext worker --runtime NAME`: sub-model + LayerNorm+int8."""
+        """Device 0's per-micro-batch compute in `devit-ext worker --runtime NAME`: sub-model + LayerNorm+int8
+        (a CCT: its pooled vector + int8, no norm left)."""
         from .. import protocol
         from ..engines.runtime import SubModelRunner
 
         sub = self.model.submodels[0]
         run = SubModelRunner(sub, name)
-        return lambda x: protocol.encode(run(x), sub.norm.weight, sub.norm.bias, sub.norm.eps, "int8")
+        return lambda x: protocol.encode(run(x), *sub.sender_norm(), "int8")
 
     def rows(self) -> list[tuple[str, Callable, Any]]:
         from ..engines import collaborate
