@@ -115,13 +115,33 @@ def test_bench_e2e_quick_tiny(tmp_path):
     assert "cct_14_7x2_224 (32 px" in r.stdout
 
 
+def _readme_python_blocks() -> list[str]:
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "README has no python example"
+    return blocks
+
+
+def test_readme_cct_example():
+    """The README's CCT variant, run as written after the names of the main example it uses."""
+    import torch
+
+    code = next(b for b in _readme_python_blocks() if "import devit_ext.cct" in b)
+    names = {"images": torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8,
+                                     generator=torch.Generator().manual_seed(0))}
+    exec("import timm, torch\nimport devit_ext\n" + code, names)  # noqa: S102 - the README's own code
+    from devit_ext.cct import SubCCT
+
+    assert tuple(names["logits"].shape) == (8, 100)
+    decct = names["decct"]
+    assert decct.num_devices == 4 and all(isinstance(s, SubCCT) for s in decct.submodels)
+    assert sum(decct.flops()) <= 0.41 * decct.meta["teacher_flops"]
+
+
 @pytest.mark.slow
 def test_readme_example_at_224(tmp_path):
     """The README's quick-start code, run as written (224 px timm ViT)."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    start = readme.find("```python")
-    assert start >= 0, "README has no python example"
-    code = readme[start + len("```python"): readme.find("```", start + 9)]
+    code = _readme_python_blocks()[0]
     script = tmp_path / "example.py"
     # what the example's comments promise, checked on the names it defines
     checks = """
