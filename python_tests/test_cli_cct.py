@@ -77,3 +77,15 @@ def test_export_a_cct_run_to_onnx(run, capsys):
         want = model.submodels[1].forward_tokens(x[:3])
     torch.testing.assert_close(torch.from_numpy(s.run(None, {"images": x[:3].numpy()})[0]), want,
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (["embed_dim=64"], ["--model-kwargs", "embed_dim"]),  # not a CCT variant's argument
+    (["img_size=0"], ["--model-kwargs", "img_size", "too small for the CCT tokenizer"]),  # no tokens left
+])
+def test_bad_cct_teacher_arguments_are_named(tmp_path, capsys, kwargs, words):
+    from test_cli_errors import _fails
+
+    _fails(["decompose", "--teacher", CCT_TEACHER, "--model-kwargs", *kwargs, "--devices", "2",
+            "--out", str(tmp_path / "r")], capsys, *words)
+    assert not (tmp_path / "r").exists()
