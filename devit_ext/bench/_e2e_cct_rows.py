@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from ._e2e_rows import WORKER_ROWS, Setting, _ort_fn, _Tokens
+from ._e2e_rows import SEQ_ORT_ROW, Setting, _ort_fn
 
 CCT_TEACHER = "cct_14_7x2_224"
 TEACHER_ROW = "CCT teacher eager"
@@ -36,10 +36,9 @@ class CctSetting(Setting):
 
         from .. import cct  # noqa: F401 - registers the CCT variants with timm
         from ..decomposition import decompose
-        from ..engines import ort_sender
         from ._e2e_models import NUM_CLASSES, NUM_DEVICES, _inputs
 
-        self.skip, self.img = skip, img
+        self._state(skip, img)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             self.teacher = timm.create_model(CCT_TEACHER, num_classes=NUM_CLASSES, img_size=img).eval()
@@ -47,42 +46,22 @@ class CctSetting(Setting):
         c = self.model.submodels[0].cfg
         b = c["blocks"][0]
         frac = sum(self.model.flops()) / self.model.meta["teacher_flops"]
-        self.ort_ok, self.ort_why = ort_sender.available()
-        if "ort" in skip:
-            self.ort_ok, self.ort_why = False, "DEVIT_E2E_SKIP=ort"
         self.title = (f"e2e cpu cct: {CCT_TEACHER} ({img} px, {self.model.meta['teacher_flops'] / 1e9:.2f} GFLOPs) vs "
                       f"{NUM_DEVICES}x DeCCT (d={c['embed_dim']},H={b['num_heads']},L={len(c['blocks'])},"
                       f"mlp={b['mlp_hidden']},inner conv={c['conv_channels']}) = {frac:.0%} of the teacher's FLOPs "
                       f"[decompose default budget, tokenizer convs counted], fp32, {torch.get_num_threads()} threads, "
                       f"load average {os.getloadavg()[0]:.1f} at start; onnxruntime: {self.ort_why}")
         self.example = _inputs(2, self.model, "cpu", torch.float32, n=1)[0]
-        self.box: dict = {}
-        self.skipped: list[tuple[str, str]] = []
 
     def rows(self):
-        from ..engines import collaborate
-
         m, t, ex = self.model, self.teacher, self.example
         out = [(TEACHER_ROW, lambda: t, "baseline of speedup")]
         if self.ort_ok:
             out.append((TEACHER_ORT_ROW, lambda: _ort_fn(t, ex), "baseline of speedup_vs_ort"))
         out.append(("DeCCT naive loop eager", lambda: m, "DeViT.forward: the sub-models one after the other"))
         if self.ort_ok:
-            def seq():
-                subs = [_ort_fn(_Tokens(s), ex) for s in m.submodels]
-                return lambda x: m.fusion([f(x) for f in subs])
-            out.append(("DeCCT sub-models one after the other in onnxruntime", seq, "4 sessions + fusion head in torch"))
+            out.append(("DeCCT " + SEQ_ORT_ROW, self._seq_ort, "4 sessions + fusion head in torch"))
         out.append((ENGINE_ROW, lambda: self._engine("torch"), self._engine_note("torch")))
         self.skipped.append(("DeCCT local engine (ours, int8, onnxruntime sender)",
                              "the local engine's onnxruntime sender runs ViT sub-models only"))
-        if "distributed" not in self.skip:
-            out.append(("DeCCT distributed engine (loopback, spawned workers)",
-                        lambda: lambda x: collaborate(m, x, engine="distributed", spawn=True, timeout=60.0), ""))
-        else:
-            self.skipped.append(("DeCCT distributed engine (loopback, spawned workers)", "DEVIT_E2E_SKIP"))
-        if "worker" not in self.skip:
-            for rt, name in WORKER_ROWS.items():
-                if rt == "torch" or self.ort_ok:
-                    out.append((f"DeCCT {name}", lambda rt=rt: self._worker(rt), "device 0: sub-model's pooled "
-                                "vector + int8 (what `devit-ext worker --runtime` computes per micro-batch)"))
-        return out
+        return out + self._device_rows("DeCCT ", "the sub-model's pooled vector + int8")
