@@ -140,3 +140,16 @@ def test_onnx_export_of_a_cct_devit_agrees_with_torch_and_sends_the_workers_mess
     logits = s.run(None, {"tokens": np.concatenate(tokens, axis=-1)})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(logits), m(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_executorch_export_of_a_cct_devit_runs_in_its_runtime(tmp_path):
+    pytest.importorskip("executorch")
+    from devit_ext.engines import common
+    from test_cct_engines import cct_devit, uint8_images
+
+    m = cct_devit(1, "sine")
+    man = export_model(m, str(tmp_path), "executorch")
+    assert [d["path"] for d in man["devices"]] == ["device0.pte", "device1.pte", "device2.pte"]
+    rep = check_parity(m, str(tmp_path), man, common.normalise_images(m, uint8_images(5)))
+    assert rep["fusion"]["top1_agreement"] == 1.0 and max(d["max_abs_diff"] for d in rep["devices"]) < 1e-4
