@@ -111,7 +111,9 @@ def test_bench_e2e_quick_tiny(tmp_path):
         assert row["speedup"] == pytest.approx(base["ms"] / row["ms"], rel=1e-6)  # against the CCT teacher
     width = int(re.search(r"DeCCT \(d=(\d+),", r.stdout).group(1))
     assert f"sender=torch; {width + 4} B/image/device" in engine["note"]  # the pooled vector in int8 + its scale
-    assert "ViT sub-models only" in cct["DeCCT local engine (ours, int8, onnxruntime sender)"]["note"]
+    ort = cct["DeCCT local engine (ours, int8, onnxruntime sender)"]
+    if base["speedup_vs_ort"] != "-":  # onnxruntime imports here: its sender ran and says so
+        assert ort["ms"] > 0 and f"sender=onnxruntime; {width + 4} B/image/device" in ort["note"]
     assert "cct_14_7x2_224 (32 px" in r.stdout
 
 

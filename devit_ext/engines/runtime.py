@@ -66,17 +66,6 @@ def executorch_bytes(module: nn.Module, example: torch.Tensor, max_batch: int = 
     return bytes(to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
 
 
-class SenderTokens(nn.Module):
-    """A CCT's program for a runtime: images -> its pooled vector (B, 1, d), as `SubCCT.sender_tokens`."""
-
-    def __init__(self, sub: nn.Module):
-        super().__init__()
-        self.sub = sub
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.sub.sender_tokens(images)
-
-
 class SubModelRunner:
     """One sub-model on one runtime: normalised images -> `sub.sender_tokens` (B, T, d)."""
 
@@ -96,10 +85,8 @@ class SubModelRunner:
             raise ValueError(f"runtime {runtime!r} runs on the CPU, got device {self.device}")
         c = sub.cfg
         example = torch.randn(2, int(c["in_chans"]), *tuple(c["img_size"]))
-        # a float32 CPU copy for the export; the caller's module stays as it is. A CCT (no prefix tokens)
-        # sends its pooled vector: its whole sender_tokens is the program
-        copy_ = _cpu_float_copy(sub)
-        module = (SenderTokens(copy_) if self.T == 0 else ort_sender.AllPreNormTokens([copy_])).eval()
+        # a float32 CPU copy for the export; the caller's module stays as it is
+        module = ort_sender.sender_module(_cpu_float_copy(sub))
         with torch.no_grad():
             if runtime == "onnxruntime":
                 sess = ort_sender.make_session(ort_sender.onnx_bytes(module, example), threads)
