@@ -59,8 +59,7 @@ def test_local_engine_onnxruntime_sender_runs_ccts_and_auto_keeps_them_on_torch(
     check_int8(out, m, x)  # each session gives the pooled vector; int8 quantisation alone is left
     assert st.extra["sender_backend"] == "onnxruntime" and "one onnxruntime session per sub-model" in st.notes
     assert st.transfer_bytes_per_image == [w + 4 for w in m.widths]
-    out = devit_ext.collaborate(m, x, transfer="fp32", backend="onnxruntime")
-    torch.testing.assert_close(out, reference(m, x), rtol=1e-4, atol=1e-4)
+    # (fp32 agreement of these programs with torch: test_worker_runtime.py, the same ort_sender.sender_module)
     _, st = devit_ext.collaborate(m, x[:2], backend="auto", return_stats=True)
     assert st.extra["sender_backend"] == "torch" and any("auto keeps CCTs on torch" in n for n in st.notes)
 
