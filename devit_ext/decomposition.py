@@ -290,6 +290,9 @@ def decompose(
                          "have; use 'magnitude' or 'taylor' for a CCT teacher")
     if fusion_init not in ("scatter", "lstsq"):
         raise ValueError(f"fusion_init: expected 'scatter' or 'lstsq', got {fusion_init!r}")
+    for name, v, lo in (("seed", seed, 0), ("max_samples", max_samples, 1), ("batch_size", batch_size, 1)):
+        if not is_int(v) or v < lo:
+            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
     explicit = not isinstance(partition, str)
     if explicit and class_share != "equal":
         raise ValueError("class_share: only applies to 'random'/'similarity' partitions, not to explicit groups")

@@ -50,6 +50,13 @@ def build_teacher(
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
+    for name, v, lo in (("img_size", img_size, 1), ("patch_size", patch_size, 1), ("in_chans", in_chans, 1),
+                        ("num_classes", num_classes, 1), ("embed_dim", embed_dim, 1), ("depth", depth, 1),
+                        ("num_heads", num_heads, 1), ("seed", seed, 0)):
+        U.count(name, v, lo=lo)  # floats are refused, not truncated
+    U.real("mlp_ratio", mlp_ratio, lo=0, lo_open=True)
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim: {embed_dim} is not a multiple of num_heads {num_heads}")
     if img_size % patch_size:
         raise ValueError(f"img_size: {img_size} is not a multiple of patch_size {patch_size}")
     kwargs = dict(

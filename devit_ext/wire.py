@@ -17,7 +17,10 @@ Layout (little-endian), a fixed 64-byte header then the payload::
     32     8     batch id
     40     4     batch size B
     44     4     payload length in bytes
-    48     8     compute seconds on the device (float64; informative)
+    48     8     compute seconds on the device (float64; informative); in a
+                 hello: the worker's idle bound in seconds (its --timeout: it
+                 takes keep-alives and ends a wait that hears nothing for that
+                 long), 0 from a worker that takes none (engines/_proto.py)
     56     1     flags: bit 0 FLAG_AUTH (tokens: a tag follows the payload;
                  hello: the worker holds a secret and answers a challenge)
     57     7     reserved, zero (decode refuses anything else, and other flag bits)
@@ -91,11 +94,16 @@ class Message:
     width: int
     batch_id: int
     batch_size: int
-    compute_s: float
+    compute_s: float  # a hello: the worker's idle bound (idle_bound_s)
     flags: int = 0
     q: torch.Tensor | None = None  # int8 (B, T, d)
     scales: torch.Tensor | None = None  # float32 (B, T)
     tokens: torch.Tensor | None = None  # float16/float32 (B, T, d)
+
+    @property
+    def idle_bound_s(self) -> float:
+        """A hello's idle bound: > 0 when the worker takes keep-alives (see encode_hello)."""
+        return self.compute_s if self.kind == KIND_HELLO else 0.0
 
     def token_message(self) -> TokenMessage:
         """The tokens as a `protocol.TokenMessage` (views into the received buffer)."""
@@ -133,10 +141,15 @@ def _header(kind, transfer_code, model_hash, device, num_tokens, width, batch_id
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
-def encode_hello(model_hash: str | bytes, device: int, num_tokens: int, width: int, holds_secret: bool = False) -> torch.Tensor:
-    """The fixed-size first message of a worker: which model it runs, what it will send, and
-    (FLAG_AUTH) whether it holds a secret and waits for the aggregator's challenge."""
-    return _header(KIND_HELLO, 0, model_hash, device, num_tokens, width, 0, 0, 0, 0.0, FLAG_AUTH if holds_secret else 0)
+def encode_hello(model_hash: str | bytes, device: int, num_tokens: int, width: int, holds_secret: bool = False,
+                 idle_bound_s: float = 0.0) -> torch.Tensor:
+    """The fixed-size first message of a worker: which model it runs, what it will send,
+    (FLAG_AUTH) whether it holds a secret and waits for the aggregator's challenge, and (in the
+    compute-seconds field) its idle bound: > 0 asks for keep-alives, 0 (a worker before them) not."""
+    if not (math.isfinite(idle_bound_s) and idle_bound_s >= 0):
+        raise ValueError(f"idle_bound_s: expected a finite number of seconds >= 0, got {idle_bound_s!r}")
+    return _header(KIND_HELLO, 0, model_hash, device, num_tokens, width, 0, 0, 0, idle_bound_s,
+                   FLAG_AUTH if holds_secret else 0)
 
 
 def seal(message: torch.Tensor, key: bytes) -> torch.Tensor:
@@ -275,6 +288,8 @@ def decode(
     if k == KIND_HELLO:
         if n != HEADER_SIZE or plen != 0:
             _fail(src, f"a hello message has no payload, got {n - HEADER_SIZE} bytes (header says {plen})")
+        if not (math.isfinite(compute_s) and compute_s >= 0):
+            _fail(src, f"invalid idle bound {compute_s} in the hello (expected a finite number of seconds >= 0)")
         return Message(k, None, mhash, dev, T, d, bid, B, compute_s, flags)
     if tcode not in TRANSFER_NAMES:
         _fail(src, f"unknown transfer code {tcode}")

@@ -10,7 +10,8 @@ dispatches CUDA tensors here):
 Both check their arguments (devit_ext.checks) and then call the launch itself,
 `launch_subvit_attention(qkv, shape, scale)` / `launch_ensemble_fusion(q, scales,
 shape, ...)`, which trusts its inputs; devit_ext.ops, having checked already,
-calls those directly.
+calls those directly (and, for the stacked attention form, caches
+`stacked_attention_launch(shape, strides, scale)`: the launch with its layout decided once).
 
 They run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set
 before this package was imported (how CI tests them). `available()` says
@@ -27,6 +28,7 @@ if _launch.triton_version() is not None:
         from .ensemble_fusion import ensemble_fusion
         from .ensemble_fusion import launch as launch_ensemble_fusion
         from .subvit_attention import launch as launch_subvit_attention
+        from .subvit_attention import stacked_launch as stacked_attention_launch
         from .subvit_attention import subvit_attention
     except Exception as e:  # noqa: BLE001 - a broken triton install must not break `import devit_ext`
         _IMPORT_ERROR = f"{type(e).__name__}: {e}"
@@ -39,7 +41,7 @@ if _launch.triton_version() is None or _IMPORT_ERROR is not None:
     def ensemble_fusion(*args, **kwargs):  # type: ignore[no-redef]
         _unavailable()
 
-    launch_subvit_attention = subvit_attention
+    launch_subvit_attention = stacked_attention_launch = subvit_attention
     launch_ensemble_fusion = ensemble_fusion
 
 
@@ -68,4 +70,4 @@ def info() -> dict:
     }
 
 
-__all__ = ["subvit_attention", "ensemble_fusion", "launch_subvit_attention", "launch_ensemble_fusion", "available", "interpreting", "info"]
+__all__ = ["subvit_attention", "ensemble_fusion", "launch_subvit_attention", "stacked_attention_launch", "launch_ensemble_fusion", "available", "interpreting", "info"]

@@ -158,10 +158,60 @@ def subvit_attention(qkv, scale=None, *, out=None, block_m=None, block_n=None, n
                   num_stages=num_stages, target=target)
 
 
+class StackedLaunch:
+    """A stacked-form launch with everything that follows from qkv's layout decided once: output shape,
+    grid, tiles, metadata table. Calling it with a qkv of that layout allocates the output and launches.
+
+    Why: at batch 1 the host path is the latency floor (without CUDA graphs); the engine calls the op
+    once per block with the same layout, so the per-call work shrinks to an allocation and the launch."""
+
+    __slots__ = ("out_shape", "dtype", "device", "grid", "table", "N", "scale_log2", "meta", "strides")
+
+    def __init__(self, shape: AttnShape, strides: tuple, s: float, tgt: _launch.Target):
+        M, H, B, N, D = len(shape.heads), shape.heads[0], shape.B, shape.N, shape.D
+        G = M * H
+        if B and (G > 65535 or B > 65535):
+            raise ValueError(f"qkv: at most 65535 heads and 65535 images per launch, got {G} heads, B = {B}")
+        self.out_shape, self.dtype, self.device, self.strides = (M, B, N, H * D), shape.dtype, shape.device, strides
+        rows = _stacked_rows(M, H, D, strides, (B * N * H * D, N * H * D, H * D, 1))  # contiguous output
+        align = _launch.align_elems(shape.dtype.itemsize, [v for r in rows for v in r[:7]])
+        self.table = _launch.device_table(rows, shape.device)
+        bm, bn, nw, ns = tile_config(N, D, shape.dtype, G * B, tgt)
+        self.grid, self.N, self.scale_log2 = (_launch.cdiv(N, bm), G, B), N, s * LOG2E
+        self.meta = dict(D=D, BLOCK_M=bm, BLOCK_N=bn, ALIGN=align, DOT_PREC=_launch.dot_precision(shape.dtype),
+                         num_warps=nw, num_stages=ns)
+
+    def __call__(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv: the layout this launch was made for (the caller keys it by shape, strides, dtype, device)."""
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        if self.out_shape[1] == 0:
+            return out
+        _subvit_attention_fwd[self.grid](qkv, out, self.table, self.N, self.scale_log2, **self.meta)
+        return out
+
+
+_STACKED: dict = {}  # (shape, strides, scale, target) -> StackedLaunch
+
+
+def stacked_launch(shape: AttnShape, strides: tuple, s: float, target=None) -> StackedLaunch:
+    """The cached StackedLaunch of a checked stacked-form layout (head width contiguous: strides[-1] == 1)."""
+    _launch.check_launchable("subvit_attention", shape.device)
+    tgt = target or _launch.target(shape.device)
+    key = (shape, strides, s, tgt)
+    plan = _STACKED.get(key)
+    if plan is None:
+        plan = _STACKED[key] = StackedLaunch(shape, strides, s, tgt)
+        if len(_STACKED) > 256:
+            _STACKED.pop(next(iter(_STACKED)))
+    return plan
+
+
 def launch(qkv, shape: AttnShape, s: float, *, out=None, block_m=None, block_n=None, num_warps=None, num_stages=None,
            target=None):
     """The launch itself, for arguments already checked by `devit_ext.checks.check_attention`
     (which gave `shape` and the scale `s`): devit_ext.ops calls this, so its inputs are checked once."""
+    if shape.stacked and out is None and qkv.stride(-1) == 1 and (block_m, block_n, num_warps, num_stages) == (None,) * 4:
+        return stacked_launch(shape, qkv.stride(), s, target)(qkv)
     _launch.check_launchable("subvit_attention", shape.device)
     B, N, D = shape.B, shape.N, shape.D
     ins = [qkv] if shape.stacked else list(qkv)
@@ -219,17 +269,19 @@ def _table_rows(shape, ins, outs) -> list[list[int]]:
     """One row per global head: [q_off, s_b, s_n, s_3, o_off, o_b, o_n, 0] (elements)."""
     D = shape.D
     if shape.stacked:
-        xs, os_ = ins[0].stride(), outs[0].stride()
-        return [
-            [m * xs[0] + h * xs[4], xs[1], xs[2], xs[3], m * os_[0] + h * D, os_[1], os_[2], 0]
-            for m in range(len(shape.heads)) for h in range(shape.heads[0])
-        ]
+        return _stacked_rows(len(shape.heads), shape.heads[0], D, ins[0].stride(), outs[0].stride())
     rows = []
     for x, o, H in zip(ins, outs, shape.heads):
         xs, os_ = x.stride(), o.stride()
         xo, oo = _elem_offset(x, ins[0]), _elem_offset(o, outs[0])
         rows += [[xo + h * xs[3], xs[0], xs[1], xs[2], oo + h * D, os_[0], os_[1], 0] for h in range(H)]
     return rows
+
+
+def _stacked_rows(M: int, H: int, D: int, xs: tuple, os_: tuple) -> list[list[int]]:
+    """The stacked form's table: qkv strides xs (M, B, N, 3, H, D), output strides os_ (M, B, N, H*D)."""
+    return [[m * xs[0] + h * xs[4], xs[1], xs[2], xs[3], m * os_[0] + h * D, os_[1], os_[2], 0]
+            for m in range(M) for h in range(H)]
 
 
 def _check_out(name, o, expected, shape) -> None:
@@ -252,4 +304,4 @@ def bytes_moved(B: int, N: int, D: int, heads, element_size: int) -> int:
     return 4 * B * sum(heads) * N * D * element_size
 
 
-__all__ = ["subvit_attention", "launch", "tile_config", "flops", "bytes_moved", "LOG2E"]
+__all__ = ["subvit_attention", "launch", "stacked_launch", "StackedLaunch", "tile_config", "flops", "bytes_moved", "LOG2E"]

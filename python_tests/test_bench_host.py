@@ -22,3 +22,26 @@ def test_bench_host_quick_structure():
     block = rows["sender side per block = (depth 3 - depth 1) / 2"]
     assert block["target_us"] == host_overhead.TARGET_US
     assert block["within_target"] == (block["host_us"] <= host_overhead.TARGET_US)
+
+
+def test_cached_attention_launches_do_not_outlive_the_patch():
+    """The ops cache a planned attention launch per layout on the Triton path; the bench's patch makes CPU
+    tensors take that path, so its plans (launching into the recorder) must be gone after it, and a
+    call on CPU tensors afterwards runs the CPU path again."""
+    import torch
+
+    from devit_ext import kernels, ops
+    from devit_ext.bench import host_overhead
+    from devit_ext.ops import attention, reference
+
+    if not kernels.available():
+        pytest.skip(f"Triton kernels unavailable: {kernels.info()['error']}")
+    qkv = torch.randn(2, 1, 5, 3 * 16 * 1).view(2, 1, 5, 3, 1, 16)
+    with torch.inference_mode(), host_overhead.patched_launch() as recs:
+        before = recs["attention"].calls
+        ops.subvit_attention(qkv)
+        ops.subvit_attention(qkv)  # the cached plan: still one launch per call
+        assert recs["attention"].calls - before == 2
+        assert len(attention._LAUNCHES) == 1
+    assert attention._LAUNCHES == {}
+    torch.testing.assert_close(ops.subvit_attention(qkv), reference.subvit_attention(qkv))

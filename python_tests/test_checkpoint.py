@@ -1,4 +1,5 @@
 """Checkpoints (devit_ext.checkpoint) in train_teacher: exact resume, mixed-up or foreign checkpoints refused."""
+import json
 import os
 import re
 import shutil
@@ -77,8 +78,21 @@ def test_checkpoint_files_from_different_saves_are_refused(tiny, tmp_path):
         train_teacher(tiny.train, None, out_dir=out, resume=True, **ARCH, **kw)
 
 
-@pytest.mark.parametrize("where", ["writing the weights", "before LATEST moves"])
+# every step of save_checkpoint's write, in order: (module, function, which call is killed); the last
+# is after LATEST has moved, so there the new save is the one that loads
+KILL_POINTS = {
+    "writing the weights": ("safetensors.torch", "save_file", lambda *a: True),
+    "writing the state": (json, "dump", lambda *a: True),
+    "renaming the save into place": (os, "replace", lambda src, dst: os.path.basename(str(dst)).startswith("save-")),
+    "before LATEST moves": (os, "replace", lambda src, dst: str(dst).endswith(ckpt.CKPT_LATEST)),
+    "removing the older save": (shutil, "rmtree", lambda *a: True),
+}
+
+
+@pytest.mark.parametrize("where", list(KILL_POINTS))
 def test_a_kill_during_a_save_keeps_the_last_good_copy(tmp_path, monkeypatch, where):
+    import importlib
+
     model = torch.nn.Linear(3, 2)
     ckdir = tmp_path / "checkpoint"
     ckpt.save_checkpoint(ckdir, model=model, best_state=None, opt=None, state={"epoch": 1})
@@ -89,26 +103,24 @@ def test_a_kill_during_a_save_keeps_the_last_good_copy(tmp_path, monkeypatch, wh
     class Killed(BaseException):
         pass
 
-    if where == "writing the weights":
-        import safetensors.torch
+    mod, fn, hit = KILL_POINTS[where]
+    mod = importlib.import_module(mod) if isinstance(mod, str) else mod
+    real = getattr(mod, fn)
 
-        def boom(*a, **k):
+    def killed_here(*a, **k):
+        if hit(*a):
             raise Killed
-        monkeypatch.setattr(safetensors.torch, "save_file", boom)
-    else:
-        real = os.replace
-
-        def replace(src, dst):
-            if str(dst).endswith(ckpt.CKPT_LATEST):
-                raise Killed
-            return real(src, dst)
-        monkeypatch.setattr(os, "replace", replace)
+        return real(*a, **k)
+    monkeypatch.setattr(mod, fn, killed_here)
     with pytest.raises(Killed):
         ckpt.save_checkpoint(ckdir, model=model, best_state=None, opt=None, state={"epoch": 2})
     monkeypatch.undo()
-    assert ckpt.checkpoint_files(ckdir) == good
     state, tensors = ckpt.load_checkpoint(ckdir)
-    assert state["epoch"] == 1 and not torch.equal(tensors["model.weight"], model.weight)
-    ckpt.save_checkpoint(ckdir, model=model, best_state=None, opt=None, state={"epoch": 2})
+    if where == "removing the older save":  # LATEST had moved: the new save is complete
+        assert state["epoch"] == 2 and torch.equal(tensors["model.weight"], model.weight)
+    else:
+        assert ckpt.checkpoint_files(ckdir) == good
+        assert state["epoch"] == 1 and not torch.equal(tensors["model.weight"], model.weight)
+    ckpt.save_checkpoint(ckdir, model=model, best_state=None, opt=None, state={"epoch": 3})
     assert len(os.listdir(ckdir)) == 2  # LATEST and the one save: older saves and leftovers removed
-    assert ckpt.load_checkpoint(ckdir)[0]["epoch"] == 2
+    assert ckpt.load_checkpoint(ckdir)[0]["epoch"] == 3

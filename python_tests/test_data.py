@@ -59,6 +59,11 @@ def test_bad_arguments_name_the_argument():
         D.synthetic(num_classes=1)
     with pytest.raises(ValueError, match="name"):
         D.load("cifar")
+    for bad in ("abc", 1.5, -1, None):  # raw int() / numpy SeedSequence errors before
+        with pytest.raises(ValueError, match="seed: expected an int >= 0"):
+            D.synthetic(num_classes=4, per_class=3, seed=bad)
+    with pytest.raises(ValueError, match="seed"):
+        D.digits(seed="abc")
 
 
 def test_missing_package_says_what_to_install(monkeypatch):

@@ -563,6 +563,11 @@ def test_summary_table(vit):
         (dict(num_devices=2, importance="taylor", data=[(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))]), "data"),
         (dict(num_devices=2, importance="taylor", data=[]), "data"),
         (dict(num_devices=2, importance="taylor", data=[torch.randn(2, 3, 32, 32)]), "data"),
+        (dict(num_devices=2, seed="abc"), "seed"),  # issue 17: raw int() errors before
+        (dict(num_devices=2, seed=1.5), "seed"),
+        (dict(num_devices=2, importance="taylor", data=[(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))], max_samples=0), "max_samples"),
+        (dict(num_devices=2, importance="taylor", data=[(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))], max_samples="x"), "max_samples"),
+        (dict(num_devices=2, partition="similarity", data=[(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))], batch_size=0), "batch_size"),
     ],
 )
 def test_bad_input(vit, kwargs, arg):

@@ -162,7 +162,7 @@ def test_ensemble_fusion_float_widths_not_truncated():
 # ---------------------------------------------------------------- a worker's control messages
 def test_worker_checks_the_control_message_against_its_model():
     from devit_ext.engines import _proto
-    from devit_ext.engines.worker import MAX_BATCH_BYTES, batch_ctrl_error
+    from devit_ext.engines._proto import MAX_BATCH_BYTES, batch_ctrl_error
 
     chw = (3, 32, 32)
     ok = _proto.ctrl(_proto.CTRL_BATCH, 7, (4, 3, 32, 32), 1, 1, 1).tolist()

@@ -6,7 +6,9 @@ the aggregator's waiter thread, then `WorkerGroup.close`: the rendezvous port
 must be hostable again immediately, without garbage collection and although the
 waiter thread still holds the group. Slow: the whole sequence with external
 worker processes on a fixed port: a worker killed mid-run gives DeviceError,
-restarted workers and a second call succeed on the same port.
+restarted workers and a second call succeed on the same port. And an aggregator
+process whose worker hung (its receive still parked in a waiter thread) exits
+cleanly, not with `terminate called without an active exception`.
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 
 import pytest
 import torch
+from _child import TESTS, child_env
 
 from devit_ext.engines import _group, _proto, _waiters
 from devit_ext.engines import distributed as D
@@ -81,7 +85,7 @@ def _start_worker(rank, model_dir, port, timeout=20):
     args = ["--model", str(model_dir), "--timeout", str(timeout), "--threads", "1", "--parent-pid", str(os.getpid()),
             "--rank", str(rank), "--world-size", "3", "--init-method", f"tcp://127.0.0.1:{port}"]
     return subprocess.Popen([sys.executable, "-m", "devit_ext.engines.worker", *args], cwd=tempfile.gettempdir(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())
 
 
 def _stop(procs):
@@ -124,3 +128,39 @@ def test_restarted_workers_succeed_on_the_same_port(tmp_path, fault):
     finally:
         D.shutdown()
         _stop(procs)
+
+
+HUNG_THEN_EXIT = textwrap.dedent("""
+    import threading, time
+    from devit_ext import wire
+    from devit_ext.engines import _proto
+    from devit_ext.engines import distributed as D
+    from test_auth import WIDTH, free_port, images, one_device_model, recv_ctrl
+
+    def hung(port, mhash):  # a worker that takes a batch and never answers, nor reads again
+        _, store = _proto.make_store("127.0.0.1", port, 2, False, 30.0)
+        _proto.claim_rank(store, 1)
+        pg = _proto.make_group(store, 1, 2, 30.0, "gloo", "127.0.0.1")
+        pg.send([wire.encode_hello(mhash, 0, 1, WIDTH, idle_bound_s=30.0)], 0, _proto.TAG_HELLO).wait()
+        while recv_ctrl(pg)[1] != _proto.CTRL_BATCH:
+            pass
+        time.sleep(600)
+
+    m = one_device_model()
+    port = free_port()
+    threading.Thread(target=hung, args=(port, m.content_hash()), daemon=True).start()
+    try:
+        D.run(m, images(), init_method=f"tcp://127.0.0.1:{port}", world_size=2, timeout=1.0, rendezvous_timeout=60)
+    except D.DeviceError as e:
+        print("fault:", str(e).splitlines()[0][:120], flush=True)
+    print("exiting", flush=True)
+""")
+
+
+def test_aggregator_process_exits_cleanly_after_a_hung_worker(tmp_path):
+    r = subprocess.run([sys.executable, "-c", HUNG_THEN_EXIT], cwd=str(tmp_path), capture_output=True, text=True,
+                       timeout=120, env=child_env(TESTS, OMP_NUM_THREADS="1"))
+    out = r.stdout + r.stderr
+    assert "fault: distributed: micro-batch 0 failed: device 0 (rank 1): no message within the timeout" in out, out
+    assert "exiting" in out and r.returncode == 0, (r.returncode, out)
+    assert "terminate called" not in out and "Aborted" not in out, out

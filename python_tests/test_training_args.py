@@ -45,12 +45,20 @@ def test_train_dekd_refuses_bad_settings_naming_them(tiny, name, value):
 
 
 @pytest.mark.parametrize("name,value", [("lr", math.inf), ("batch_size", 0), ("clip", -1.0), ("epochs", 1.5),
-                                        ("weight_decay", -1.0)])
+                                        ("weight_decay", -1.0), ("seed", "abc"), ("embed_dim", 16.7)])
 def test_train_teacher_refuses_bad_settings_naming_them(tiny, name, value):
     kw = dict(epochs=1, batch_size=8, lr=1e-3, device="cpu", progress=False, **ARCH)
     kw[name] = value
     with pytest.raises(ValueError, match=name):
         train_teacher(tiny.train, **kw)
+
+
+@pytest.mark.parametrize("name,value", [("embed_dim", 16.7), ("depth", 1.0), ("num_heads", 0), ("seed", "abc"),
+                                        ("img_size", 16.0), ("mlp_ratio", math.nan), ("embed_dim", 17)])
+def test_build_teacher_refuses_bad_shapes_naming_them(name, value):
+    """Floats are refused, not truncated (embed_dim 16.7 gave a raw conv error, seed 'abc' a raw int() one)."""
+    with pytest.raises(ValueError, match=name):
+        build_teacher(**dict(ARCH, **{name: value}))
 
 
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny, tmp_path):

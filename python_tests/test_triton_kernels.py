@@ -102,6 +102,26 @@ def test_attention_stacked_strided_view(M, B, N, H, D):
 
 
 @_mark(*triton_only)
+def test_attention_cached_launch_follows_each_layout():
+    """Without `out` the stacked form runs a launch planned once per layout (shape, strides, dtype,
+    scale): alternating layouts of the same shape, and the same layout with another scale, each get
+    their own plan and the reference's answer, and a repeated layout reuses its plan."""
+    torch.manual_seed(0)
+    M, B, N, H, D = 2, 1, 9, 2, 16
+    layouts = [qkv_view(M, B, N, H, D, pad=8), qkv_view(M, B, N, H, D, pad=0), qkv_view(M, B, N, H, D, pad=16)]
+    assert len({x.stride() for x in layouts}) == 3
+    for _ in range(2):
+        for x in layouts:
+            for scale in (None, 0.3):
+                close_fp32(kernels.subvit_attention(x, scale), R.subvit_attention(x, scale))
+    plans = [k for k in ATTN_MOD._STACKED if k[0].N == N and k[0].heads == (H,) * M and k[0].D == D]
+    assert len(plans) == 6  # 3 layouts x 2 scales, none planned twice
+    shape, strides = plans[0][0], plans[0][1]
+    p = ATTN_MOD.stacked_launch(shape, strides, plans[0][2])
+    assert p is ATTN_MOD.stacked_launch(shape, strides, plans[0][2])
+
+
+@_mark(*triton_only)
 def test_attention_list_heterogeneous():
     torch.manual_seed(1)
     B, N, D = 2, 13, 16

@@ -121,3 +121,36 @@ def test_reserved_bytes_and_constants():
     got = as_bytes(wire.encode(HASH_HEX, 65535, 2**63 - 1, tokens=torch.ones(1, 1, dtype=torch.float32), compute_s=2.0))
     assert got[56:64] == bytes(8)  # flags 0 (unauthenticated) and the reserved bytes
     assert got[24:26] == b"\xff\xff" and got[32:40] == b"\xff" * 7 + b"\x7f"
+
+
+def test_hello_declaring_an_idle_bound_golden_bytes():
+    """A worker that takes keep-alives puts its idle bound (--timeout) in the compute-seconds field."""
+    got = as_bytes(wire.encode_hello(HASH_HEX, device=2, num_tokens=1, width=8, idle_bound_s=2.5))
+    assert got == golden_header(0, 0, 2, 1, 8, 0, 0, 0, 2.5)
+    assert got[48:56] == b"\x00\x00\x00\x00\x00\x00\x04\x40"  # 2.5 as float64
+    h = wire.decode(torch.frombuffer(bytearray(got), dtype=torch.uint8), kind=wire.KIND_HELLO)
+    assert h.idle_bound_s == 2.5
+    old = wire.decode(torch.frombuffer(bytearray(golden_header(0, 0, 2, 1, 8, 0, 0, 0, 0.0)), dtype=torch.uint8))
+    assert old.idle_bound_s == 0.0  # a worker before keep-alives: the aggregator sends it none
+    for bad in (float("nan"), float("inf"), -1.0):
+        raw = golden_header(0, 0, 2, 1, 8, 0, 0, 0, bad)
+        with pytest.raises(wire.WireError, match="invalid idle bound"):
+            wire.decode(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+def test_keepalive_control_golden_bytes():
+    """12 int64 little-endian: magic "DeViT01", kind 6, sequence number, interval in ms, six zeros, then
+    (authenticated) HMAC-SHA256(key, b"devit-ext/v1/ctrl" + bytes 0..79) truncated to 16 bytes."""
+    from devit_ext.engines import _proto
+
+    key = bytes(range(32))
+    fields = le(0x44655669543031, 8) + le(6, 8) + le(7, 8) + le(250, 8) + bytes(48)
+    assert fields[:8] == b"10TiVeD\x00"
+    plain = as_bytes(_proto.ctrl_bytes(_proto.keepalive_ctrl(7, 0.25, None)))
+    assert plain == fields + bytes(16)
+    tagged = as_bytes(_proto.ctrl_bytes(_proto.keepalive_ctrl(7, 0.25, key)))
+    assert tagged == fields + hmac.new(key, b"devit-ext/v1/ctrl" + fields, hashlib.sha256).digest()[:16]
+    c = _proto.keepalive_ctrl(7, 0.25, key).tolist()
+    assert _proto.keepalive_error(c, key, 6) is None
+    assert "replayed" in _proto.keepalive_error(c, key, 7)
+    assert "tag does not match" in _proto.keepalive_error(c, bytes(32), 6)

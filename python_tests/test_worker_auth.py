@@ -31,9 +31,9 @@ def _bounded(monkeypatch):
 class Served(threading.Thread):
     """The real worker (rank 1 of 2) serving in a thread; `.code` its exit code."""
 
-    def __init__(self, path, port, secret):
+    def __init__(self, path, port, secret, timeout=10.0):
         super().__init__(daemon=True)
-        self.w = worker._Worker(str(path), 1, 2, "cpu", 10.0, secret)
+        self.w = worker._Worker(str(path), 1, 2, "cpu", timeout, secret)
         self.port, self.code, self.computed = port, None, 0
         real = self.w.compute
 
@@ -55,15 +55,16 @@ def group(tmp_path):
     m = one_device_model()
     m.save(tmp_path / "m")
 
-    def make(secret=SECRET):
+    def make(secret=SECRET, timeout=10.0):
         server, pstore = _proto.make_store("127.0.0.1", 0, 2, True, 30.0)
-        w = Served(tmp_path / "m", server.port, secret)
+        w = Served(tmp_path / "m", server.port, secret, timeout)
         w.start()
         pg = _proto.make_group(pstore, 0, 2, 30.0, "gloo", "127.0.0.1")
         hello = torch.zeros(wire.HEADER_SIZE, dtype=torch.uint8)
         pg.recv([hello], 1, _proto.TAG_HELLO).wait(_proto.td(30))
         h = wire.decode(hello, kind=wire.KIND_HELLO, device=0, expected_hash=m.content_hash())
         assert bool(h.flags & wire.FLAG_AUTH) == (secret is not None)
+        assert h.idle_bound_s == timeout  # its --timeout: it takes keep-alives
         return pg, w, server
 
     return make, m

@@ -1,5 +1,8 @@
 """A real `devit-ext worker` process: its waits end within --timeout, and a duplicate rank is refused.
 
+Its wait for the next batch too: an idle aggregator keeps it alive with
+keep-alives past its --timeout; a SIGSTOPped one makes it exit within the bound.
+
 Each test starts one worker process (it imports torch: seconds on a loaded
 machine), so they are marked slow. The worker prints when it starts joining
 the group; from there its exit is bounded by --timeout + the watchdog's 1 s
@@ -10,11 +13,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import signal
 import sys
+import textwrap
 import threading
 import time
 
 import pytest
+from _child import TESTS, child_env
 
 from devit_ext.engines import _proto
 from devit_ext.engines import distributed as D
@@ -33,9 +39,7 @@ def _bounded(monkeypatch):
 
 
 def start_worker(model_dir, port, timeout, world=2):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env(OMP_NUM_THREADS="1")
     return subprocess.Popen(
         [sys.executable, "-m", "devit_ext.engines.worker", "--rank", "1", "--world-size", str(world),
          "--init-method", f"tcp://127.0.0.1:{port}", "--model", str(model_dir), "--timeout", str(timeout)],
@@ -109,6 +113,52 @@ def test_duplicate_rank_refused_on_both_sides(tmp_path):
     assert took is not None and took < 30, (took, log)  # refused, not timed out
     err = box.get("agg")
     assert isinstance(err, D.DistributedError) and "rank 1 (device 0) by pids" in str(err) and "claimed twice" in str(err)
+
+
+AGGREGATOR = textwrap.dedent("""
+    import sys, time
+    import torch
+    from devit_ext.model import load
+    from devit_ext.engines import distributed as D
+    from test_auth import images
+    D.run(load(sys.argv[1]), images(), init_method=f"tcp://127.0.0.1:{sys.argv[2]}", world_size=2, timeout=3.0,
+          rendezvous_timeout=120)
+    print("served", flush=True)
+    time.sleep(300)  # idle: only its keep-alives go out
+""")
+
+
+def test_idle_aggregator_keeps_the_worker_a_stopped_one_ends_it(tmp_path):
+    """A real aggregator process serves one call, then idles for twice the worker's --timeout (the worker
+    stays), then is SIGSTOPped: the worker exits 1 within --timeout + 1 s (it waited forever before)."""
+    one_device_model().save(tmp_path / "m")
+    port, bound = _free_port(), 3
+    agg = subprocess.Popen([sys.executable, "-c", AGGREGATOR, str(tmp_path / "m"), str(port)], cwd=str(tmp_path),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(TESTS, OMP_NUM_THREADS="1"))
+    p = start_worker(tmp_path / "m", port, bound)
+    try:
+        line = agg.stdout.readline().decode(errors="replace")  # blocks until the call has been served
+        assert line.strip() == "served", line + agg.stdout.read(4000).decode(errors="replace")
+        time.sleep(2 * bound)
+        assert p.poll() is None, p.stdout.read().decode(errors="replace")  # idle, but kept alive
+        os.kill(agg.pid, signal.SIGSTOP)
+        t_stop = time.monotonic()
+        try:
+            code = p.wait(timeout=bound + 1 + MARGIN_S + 10)
+        except subprocess.TimeoutExpired:
+            code = None  # still waiting: unbounded
+        took = time.monotonic() - t_stop
+        log = (p.kill(), p.stdout.read().decode(errors="replace"))[1]
+        print(f"the worker exited {took:.2f} s after the aggregator's SIGSTOP (--timeout {bound})")
+    finally:
+        for q in (p, agg):
+            if q.poll() is None:
+                q.kill()
+            q.wait(30)
+    assert code == 1, log
+    assert took <= bound + 1 + MARGIN_S, (took, log)
+    assert f"heard nothing from the aggregator for --timeout {bound} s" in log, log
+    assert "the aggregator sends keep-alives every 0.75 s" in log, log
 
 
 def _free_port() -> int:

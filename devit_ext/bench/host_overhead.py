@@ -17,7 +17,9 @@ Method ("patched launch"), stated in the table's method row:
 - Not included, since it needs a GPU: the launch itself (Triton's launcher,
   cudaLaunchKernel), the current-stream query, the caching allocator's
   `torch.empty` on CUDA (CPU `torch.empty` runs instead).
-- Times: time.perf_counter_ns over blocks of calls, median over blocks, gc off,
+- Times: the calling thread's CPU time (time.thread_time_ns: host time is CPU time, and a thread
+  descheduled by other processes on a shared machine does not count it) over blocks of calls, median
+  over blocks, gc off,
   one intra-op thread (a GPU run does not fork the CPU thread pool per op).
 
 The sender side per block: a DeViT of 4 stacked sub-models at batch 1 run by
@@ -42,7 +44,8 @@ from .timing import Table
 TARGET_US = 30.0  # issue 12: host time per block of the sender side at batch 1
 CUDA = torch.device("cuda", 0)
 METHOD = ("patched launch: the op's CUDA-path Python on CPU tensors, the final native/Triton launch replaced "
-          "by a call counter; not included: the launch itself, the current-stream query, CUDA torch.empty")
+          "by a call counter; thread CPU time; not included: the launch itself, the current-stream query, "
+          "CUDA torch.empty")
 
 
 class LaunchRecorder:
@@ -107,6 +110,7 @@ def patched_launch():
         (kf, "_ensemble_fusion_fwd", recs["fusion"]),
     ]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+    attention.clear_plans()  # a launch planned outside (or inside) must not outlive the patch
     try:
         for mod, name, value in patches:
             setattr(mod, name, value)
@@ -114,6 +118,7 @@ def patched_launch():
     finally:
         for mod, name, value in saved:
             setattr(mod, name, value)
+        attention.clear_plans()
 
 
 def host_us(fn, *, calls: int, blocks: int) -> float:
@@ -125,10 +130,10 @@ def host_us(fn, *, calls: int, blocks: int) -> float:
     gc.disable()
     try:
         for _ in range(blocks):
-            t0 = time.perf_counter_ns()
+            t0 = time.thread_time_ns()
             for _ in range(calls):
                 fn()
-            per.append((time.perf_counter_ns() - t0) / calls / 1e3)
+            per.append((time.thread_time_ns() - t0) / calls / 1e3)
     finally:
         if gc_was:
             gc.enable()

@@ -6,7 +6,8 @@ their command line), waits until every rank has joined (refusing a rank
 claimed twice), connects the group (`_proto.make_group`), checks every
 worker's hello (its model's content hash, token count and width) and, with a
 secret, runs the challenge-response that gives each device its session key
-(`_authenticate`, devit_ext.auth); `close` tells the workers to exit and
+(`_authenticate`, devit_ext.auth) and starts the keep-alives to the workers
+that take them (`_heartbeat.Heartbeat`); `close` tells the workers to exit and
 tears everything down; `describe_fault` turns a lost device into a sentence
 with its exit code and log. The aggregation loop is `distributed._run_batches`.
 """
@@ -18,12 +19,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
 
 from .. import auth, wire
-from . import _proto, _waiters
+from . import _heartbeat, _proto, _waiters
 
 
 class DistributedError(RuntimeError):
@@ -70,6 +72,8 @@ class WorkerGroup:
         self.init_method_used: str | None = init_method  # spawned: the tcp:// address actually used
         self.hellos: dict = {}
         self.told = False  # the workers were already told to exit (refused)
+        self.send_lock = threading.Lock()  # every send once the keep-alives run (_heartbeat.py)
+        self.heartbeat: _heartbeat.Heartbeat | None = None
 
     # -- opening ----------------------------------------------------------
     def open(self, model, mhash: str, *, timeout: float, rdv_timeout: float, threads: int | None, worker_device: str):
@@ -110,6 +114,9 @@ class WorkerGroup:
         if self.pstore.check(["duplicates"]):  # a second worker for a rank that came after the first had joined
             self.refuse([])
             self._refuse_duplicates()
+        self.heartbeat = _heartbeat.Heartbeat(self.pg, self.comm, self.send_lock,
+                                              {i: h.idle_bound_s for i, h in self.hellos.items()}, self.keys, self.dead)
+        self.heartbeat.start()
         self.rendezvous_s = time.perf_counter() - t0
 
     def _spawn(self, model, mhash: str, threads: int | None, worker_device: str, timeout: float):
@@ -273,6 +280,9 @@ class WorkerGroup:
 
     # -- closing ----------------------------------------------------------
     def close(self, graceful: bool = True):
+        if self.heartbeat is not None:
+            self.abandoned.extend(self.heartbeat.stop())  # before the shutdown messages, which must come last
+            self.heartbeat = None
         if self.pg is not None and not self.told:
             if graceful:
                 # lost devices get the message too: a worker that was only slow then exits cleanly

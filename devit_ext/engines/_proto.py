@@ -17,6 +17,19 @@ first batch: the aggregator sends CTRL_AUTH (its nonce), the worker answers on
 TAG_AUTH (its nonce and proof), the aggregator sends CTRL_AUTH_OK (its proof);
 batch control messages then carry a 16-byte tag in their last two slots.
 
+Keep-alive (CTRL_KEEPALIVE): a worker's hello declares its idle bound (its
+--timeout; 0 from a worker that takes none). To each such worker the aggregator
+sends a keep-alive control message once its group is open, and then whenever
+nothing went to that worker on TAG_CTRL for `keepalive_interval(bound)` (1 s, or
+a quarter of the bound if smaller): slots 0 magic, 1 kind, 2 its sequence
+number (1, 2, ... per device), 3 the interval in ms, 4..9 zero, 10..11 the tag
+(as a batch control message's, over fields 0..9 and no images; zero without a
+secret). A worker that heard one bounds its wait for the next batch by
+--timeout: a stopped or vanished aggregator ends it (`_heartbeat.py`).
+Both ways compatible with the versions before: such a worker's hello says 0
+(no keep-alives go to it), and such an aggregator reads no hello's
+compute-seconds field and sends none (the worker then waits as before).
+
 Sockets listen only where the init_method says: the store on the host's own
 address (`host_store` binds the socket itself; TCPStore alone listens on every
 interface), Gloo on the address that reaches the host (loopback for loopback).
@@ -35,7 +48,9 @@ from .. import auth
 
 CTRL_MAGIC = 0x44655669543031  # "DeViT01"
 CTRL_LEN = 12
-CTRL_BATCH, CTRL_SHUTDOWN, CTRL_REFUSE, CTRL_AUTH, CTRL_AUTH_OK = 1, 2, 3, 4, 5
+CTRL_BATCH, CTRL_SHUTDOWN, CTRL_REFUSE, CTRL_AUTH, CTRL_AUTH_OK, CTRL_KEEPALIVE = 1, 2, 3, 4, 5, 6
+KEEPALIVE_S = 1.0  # the aggregator's keep-alive interval, unless a quarter of a worker's idle bound is less
+MIN_KEEPALIVE_S = 0.05
 # why a worker is refused (slot 2 of CTRL_REFUSE), and what it is told
 REFUSE_MODEL, REFUSE_NO_SECRET, REFUSE_WRONG_SECRET, REFUSE_UNEXPECTED_SECRET = 1, 2, 3, 4
 REFUSE_TEXT = {
@@ -55,8 +70,8 @@ COMPUTE_DTYPES = {1: torch.float32, 2: torch.bfloat16, 3: torch.float16}
 COMPUTE_CODES = {v: k for k, v in COMPUTE_DTYPES.items()}
 
 STORE_PREFIX = "devit_ext/"
-# what a worker waits between batches: the aggregator may be idle for long; a
-# closed connection (aggregator gone) still ends the wait at once
+# "no bound" for Gloo: the aggregator's waiter threads (which keep their own deadlines), and a worker's
+# wait between batches before it has heard a keep-alive (an aggregator that sends none may idle for long)
 IDLE = datetime.timedelta(days=7)
 
 
@@ -89,7 +104,8 @@ def ctrl_value(c: list[int]) -> bytes:
 
 
 def sign_batch_ctrl(c: torch.Tensor, key: bytes, image_digest: bytes) -> torch.Tensor:
-    """A copy of a batch control message with its tag (fields 0..9 and the images' sha256) in slots 10, 11."""
+    """A copy of a batch control message (or keep-alive: digest b"") with its tag (fields 0..9 and the
+    images' sha256) in slots 10, 11."""
     c = c.clone()
     t = auth.ctrl_tag(key, struct.pack("<10q", *c[:10].tolist()), image_digest)
     c[10:12] = torch.tensor(struct.unpack("<2q", t), dtype=torch.int64)
@@ -100,6 +116,51 @@ def batch_ctrl_ok(c: list[int], key: bytes, image_digest: bytes) -> bool:
     """Whether a received batch control message's tag matches its fields and the images received."""
     return auth.verify(key, struct.pack("<2q", *c[10:12]), auth.CTRL_LABEL, struct.pack("<10q", *c[:10]),
                        image_digest)
+
+
+MAX_BATCH_BYTES = 4 << 30  # images of one micro-batch; anything above is not an aggregator of this engine
+
+
+def batch_ctrl_error(c: list[int], chw: tuple[int, int, int]) -> str | None:
+    """Why a batch control message cannot be served (None when it can): kind, codes, and the image
+    shape against the model's (C, H, W), bounded in bytes, before anything is allocated."""
+    from .. import wire
+
+    if c[1] != CTRL_BATCH:
+        return f"unknown kind {c[1]}"
+    if c[7] not in IMAGE_DTYPES or c[8] not in wire.TRANSFER_NAMES or c[9] not in COMPUTE_DTYPES:
+        return f"unknown image/transfer/compute code {c[7:10]}"
+    b, shape = c[3], tuple(c[4:7])
+    if shape != tuple(chw):
+        return f"image shape {shape}, this model takes {tuple(chw)}"
+    nbytes = b * chw[0] * chw[1] * chw[2] * IMAGE_DTYPES[c[7]].itemsize
+    if not 1 <= b or nbytes > MAX_BATCH_BYTES:
+        return f"batch of {b} images ({nbytes} bytes; at most {MAX_BATCH_BYTES})"
+    return None
+
+
+def keepalive_interval(idle_bound_s: float) -> float:
+    """Seconds between keep-alives to a worker whose hello declared `idle_bound_s` (> 0): well under it."""
+    return max(MIN_KEEPALIVE_S, min(KEEPALIVE_S, float(idle_bound_s) / 4))
+
+
+def keepalive_ctrl(seq: int, interval_s: float, key: bytes | None) -> torch.Tensor:
+    """The seq-th keep-alive to a device (tagged under its session key when the group is authenticated)."""
+    c = ctrl(CTRL_KEEPALIVE, seq)
+    c[3] = max(1, round(interval_s * 1000))
+    return sign_batch_ctrl(c, key, b"") if key is not None else c
+
+
+def keepalive_error(c: list[int], key: bytes | None, last_seq: int) -> str | None:
+    """Why a received keep-alive is not one the aggregator made (None when it is)."""
+    if not 1 <= c[3] < 1 << 31 or any(c[4:10]):
+        return f"malformed keep-alive {c}"
+    if key is not None:
+        if not batch_ctrl_ok(c, key, b""):
+            return "a keep-alive whose tag does not match it (forged or altered on the way)"
+        if c[2] <= last_seq:
+            return f"keep-alive {c[2]} after {last_seq} (a replayed keep-alive)"
+    return None
 
 
 def parse_init_method(init_method: str) -> tuple[str, int, bool]:

@@ -31,9 +31,9 @@ class Slot:
 class Waiter:
     """Waits, in order, on one device's receives in a daemon thread (see the module docstring)."""
 
-    def __init__(self, device: int):
+    def __init__(self, device: int, what: str = "recv"):
         self.q: "queue.Queue" = queue.Queue()
-        self.thread = threading.Thread(target=self._loop, name=f"devit-recv-device{device}", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name=f"devit-{what}-device{device}", daemon=True)
         self.thread.start()
 
     def _loop(self):

@@ -48,6 +48,12 @@ them) and says which ranks did not join. With `degrade=True` the answer uses
 the devices still alive (zeros for the missing tokens, as if a device sent
 nothing), `stats.missing_devices` lists the others by device index, and later
 calls on the same group keep answering without them.
+
+Between batches and between calls a keep-alive thread (_heartbeat.py) sends
+each worker that asks for them (its hello declares an idle bound) a small
+control message whenever nothing else went to it for a second: an idle
+aggregator keeps its workers, a stopped or vanished one makes them exit
+within their --timeout.
 """
 from __future__ import annotations
 
@@ -320,11 +326,17 @@ def _run_batches(model, s: WorkerGroup, images, *, transfer, batch_size, timeout
             try:
                 c = (_proto.sign_batch_ctrl(c0, s.keys[i], digest) if s.keys else c0).to(s.comm)
                 entry["ctrl"].append(c)
-                entry["send"].append(s.pg.send([c], i + 1, _proto.TAG_CTRL))
-                entry["send"].append(s.pg.send([x], i + 1, _proto.TAG_IMAGES))
                 size = wire.message_size(transfer, b - a, T, widths[i], authenticated=bool(s.keys))
                 buf = torch.empty(size, dtype=torch.uint8, device=s.comm)
-                entry["recv"][i] = (buf, s.waiters[i].submit(s.pg.recv([buf], i + 1, _proto.TAG_TOKENS)))
+                # every call into the group under the lock: the keep-alive thread sends too (_heartbeat.py),
+                # and an NCCL communicator must not be entered from two threads at once
+                with s.send_lock:
+                    entry["send"].append(s.pg.send([c], i + 1, _proto.TAG_CTRL))
+                    entry["send"].append(s.pg.send([x], i + 1, _proto.TAG_IMAGES))
+                    if s.heartbeat is not None:
+                        s.heartbeat.touch(i)
+                    work = s.pg.recv([buf], i + 1, _proto.TAG_TOKENS)
+                entry["recv"][i] = (buf, s.waiters[i].submit(work))
                 entry["t"][i] = time.perf_counter()
             except RuntimeError as e:
                 entry["recv"].pop(i, None)

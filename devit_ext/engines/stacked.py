@@ -173,7 +173,8 @@ class StackedGroup:
     def qkv(self, k: int, x: torch.Tensor) -> torch.Tensor:
         """(M, B*N, d) -> (M, B*N, 3A): norm1 (affine folded) + qkv."""
         blk = self.blocks[k]
-        h = F.layer_norm(x, (self.d,), eps=self.eps)
+        # torch.layer_norm, not F.layer_norm: the same op without the wrapper's checks (host time, issue 12)
+        h = torch.layer_norm(x, (self.d,), None, None, self.eps)
         return torch.baddbmm(blk["qkv_b"], h, blk["qkv_wt"])
 
     def qkv_view(self, k: int, qkv: torch.Tensor, B: int) -> torch.Tensor:
@@ -193,7 +194,7 @@ class StackedGroup:
         else:
             o = o.reshape(M, B * N, A)
         x = x.add_(blk["proj_b"]).baddbmm_(o, blk["proj_wt"])  # GEMM accumulates into the residual
-        h = F.layer_norm(x, (d,), eps=self.eps)
+        h = torch.layer_norm(x, (d,), None, None, self.eps)
         g = F.gelu(torch.baddbmm(blk["fc1_b"], h, blk["fc1_wt"]))
         return x.add_(blk["fc2_b"]).baddbmm_(g, blk["fc2_wt"])
 
@@ -232,6 +233,12 @@ class SenderStack:
         """images (B, C, H, W) normalised, compute dtype -> per model (B, T, d) pre-norm prefix tokens."""
         B = images.shape[0]
         patches = patchify(images, self.patch)
+        if self.homogeneous:  # one group: no per-block bookkeeping (the batch-1 host path, issue 12)
+            g = self.groups[0]
+            x = g.embed(patches, B)
+            for k in range(g.depth):
+                x = g.finish_block(k, x, self.attention(g.qkv_view(k, g.qkv(k, x), B)), B)
+            return list(g.tokens(x, B).unbind(0))
         xs = [g.embed(patches, B) for g in self.groups]
         for k in range(self.depth):
             live = [i for i, g in enumerate(self.groups) if k < g.depth]

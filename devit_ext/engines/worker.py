@@ -25,11 +25,15 @@ aggregator's challenge and checks the aggregator's proof, tags every token
 message and checks every batch control message's tag (docs/security.md).
 Without one, a non-loopback --init-method is refused unless --insecure.
 
-Every wait but the one for the next batch (connecting, the hello and the
-challenge, each image receive and send) is bounded by --timeout: a watchdog
-ends the process 1 s after it, whatever Gloo or the store do. The wait for the
-next batch is not: the aggregator may be idle for long, and a closed
-connection (aggregator gone) ends it at once.
+Every wait (connecting, the hello and the challenge, each image receive and
+send, and the wait for the next batch) is bounded by --timeout: a watchdog
+ends the process 1 s after it, whatever Gloo or the store do. The hello
+declares --timeout as the worker's idle bound, so the aggregator sends
+keep-alives (every second, or a quarter of --timeout if less) while it has no
+batch for it (engines/_heartbeat.py): an idle aggregator keeps its workers,
+one that is stopped, hung or unreachable makes them exit 1 within --timeout.
+The wait for the next batch is bounded from the first keep-alive on: an
+aggregator that sends none (a version before them) is waited for as before.
 """
 from __future__ import annotations
 
@@ -50,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="directory of a saved DeViT (DeViT.save / devit_ext.load)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds for the rendezvous and for each transfer (default 60); between batches a worker waits indefinitely")
+                   help="seconds for the rendezvous, for each transfer, and without a word from the aggregator "
+                        "between batches (it sends keep-alives while idle) (default 60)")
     p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"), help="torch.distributed backend (default gloo)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--secret-file", default=None,
@@ -155,35 +160,11 @@ def run(args) -> int:
     finally:
         dog.disarm()
     code = w.serve(pg, args.backend, prefix, dog)
-    if args.parent_pid:
-        # spawned by an aggregator: skip the interpreter teardown (seconds with a live Gloo group), which
-        # only delays the aggregator's shutdown; nothing is left to flush but stdio
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
-
-
-MAX_BATCH_BYTES = 4 << 30  # images of one micro-batch; anything above is not an aggregator of this engine
-
-
-def batch_ctrl_error(c: list[int], chw: tuple[int, int, int]) -> str | None:
-    """Why a batch control message cannot be served (None when it can): kind, codes, and the image
-    shape against the model's (C, H, W), bounded in bytes, before anything is allocated."""
-    from .. import wire
-    from . import _proto
-
-    if c[1] != _proto.CTRL_BATCH:
-        return f"unknown kind {c[1]}"
-    if c[7] not in _proto.IMAGE_DTYPES or c[8] not in wire.TRANSFER_NAMES or c[9] not in _proto.COMPUTE_DTYPES:
-        return f"unknown image/transfer/compute code {c[7:10]}"
-    b, shape = c[3], tuple(c[4:7])
-    if shape != tuple(chw):
-        return f"image shape {shape}, this model takes {tuple(chw)}"
-    nbytes = b * chw[0] * chw[1] * chw[2] * _proto.IMAGE_DTYPES[c[7]].itemsize
-    if not 1 <= b or nbytes > MAX_BATCH_BYTES:
-        return f"batch of {b} images ({nbytes} bytes; at most {MAX_BATCH_BYTES})"
-    return None
+    # skip the interpreter teardown (~1 s with a Gloo group, seconds with a live one), which only delays
+    # the aggregator's shutdown (spawned) and the exit that --timeout bounds; nothing is left to flush but stdio
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _env_int(name: str) -> int | None:
@@ -291,22 +272,49 @@ class _Worker:
                 bounded(work, wait)
             return c.cpu().tolist()
 
+        def recv_next():
+            """The next batch, keep-alive or shutdown; None when nothing came within --timeout."""
+            if not last_beat:  # no keep-alive yet: the aggregator may send none (a version before them)
+                return recv_ctrl(None)
+            t0 = time.monotonic()
+            try:
+                return recv_ctrl("waiting for a batch or a keep-alive from the aggregator")
+            except RuntimeError:
+                if time.monotonic() - t0 < 0.9 * self.timeout:
+                    raise  # not the bound: the connection closed (the aggregator is gone)
+                return None
+
         pending = None
         key = None
-        last_bid = 0
+        last_bid = last_beat = 0
         try:
-            hello = wire.encode_hello(self.hash, self.index, self.tokens, self.width, holds_secret=self.secret is not None)
+            hello = wire.encode_hello(self.hash, self.index, self.tokens, self.width, holds_secret=self.secret is not None,
+                                      idle_bound_s=self.timeout)
             bounded(pg.send([hello.to(comm)], 0, _proto.TAG_HELLO), "sending the hello")
             if self.secret is not None:
                 key = self._authenticate(pg, comm, prefix, recv_ctrl, bounded)
                 if isinstance(key, int):
                     return key
             while True:
-                c = recv_ctrl(None)  # the next batch: the aggregator may be idle for long
+                c = recv_next()
+                if c is None:
+                    _say(prefix, f"heard nothing from the aggregator for --timeout {self.timeout:g} s (no batch, "
+                                 "no keep-alive): it is stopped, hung or unreachable; exiting")
+                    return EXIT_LOST
                 if c[0] != _proto.CTRL_MAGIC:
                     _say(prefix, f"malformed control message from the aggregator (magic {c[0]:#x}); exiting")
                     return EXIT_LOST
                 kind, bid, shape = c[1], c[2], tuple(c[3:7])
+                if kind == _proto.CTRL_KEEPALIVE:
+                    bad = _proto.keepalive_error(c, key, last_beat)
+                    if bad:
+                        _say(prefix, f"{bad}; exiting")
+                        return EXIT_LOST
+                    if not last_beat:
+                        _say(prefix, f"the aggregator sends keep-alives every {c[3] / 1000:g} s: waits between "
+                                     f"batches are bounded by --timeout {self.timeout:g} s")
+                    last_beat = max(bid, 1)
+                    continue
                 if kind == _proto.CTRL_SHUTDOWN:
                     if pending is not None:
                         bounded(pending, "sending the last message")
@@ -314,7 +322,7 @@ class _Worker:
                 if kind == _proto.CTRL_REFUSE:
                     return self._refused(prefix, c[2])
                 # checked against the model before anything is allocated
-                bad = batch_ctrl_error(c, (self.model.in_chans, *self.model.img_size))
+                bad = _proto.batch_ctrl_error(c, (self.model.in_chans, *self.model.img_size))
                 if bad is None and key is not None and bid <= last_bid:
                     bad = f"batch id {bid} after {last_bid} (a replayed control message)"
                 if bad:
