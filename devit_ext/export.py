@@ -3,8 +3,9 @@
 Files written to DIR::
 
     device<i>.<ext>   images (B, C, H, W), normalised -> token (B, d_i) or (B, 2, d_i) with a
-                      distillation token: the class token(s) after the final LayerNorm, which the
-                      device quantises to int8 and sends (docs/cli.md: the message byte by byte)
+                      distillation token: a ViT's class token(s) after the final LayerNorm, a
+                      CCT's sequence-pooled vector (B, d_i); the device quantises it to int8 and
+                      sends it (`device_message`; docs/cli.md: the message byte by byte)
     fusion.<ext>      tokens (B, sum d_i) or (B, 2, sum d_i): device tokens concatenated in device
                       order on the last axis (zeros for a missing device) -> logits (B, C)
     manifest.json     devices, fusion, preprocess, content_hash, parity
@@ -34,7 +35,8 @@ class ExportError(RuntimeError):
 
 
 class DeviceTokens(nn.Module):
-    """One device's program: images -> its class token(s) after the final norm."""
+    """One device's program: images -> its token(s): `forward_tokens` (ViT: class token(s) after the final
+    norm; CCT: the pooled vector)."""
 
     def __init__(self, sub: nn.Module):
         super().__init__()

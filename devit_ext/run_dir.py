@@ -201,6 +201,8 @@ def build_teacher(name: str, kwargs: dict | None, checkpoint: str | None, *, see
     import timm
     import torch
 
+    from . import cct  # noqa: F401 - registers the CCT variants (cct_7_3x1_32, ...) with timm
+
     kwargs = dict(kwargs or {})
     for bad in ("pretrained", "checkpoint_path", "pretrained_cfg_overlay"):
         if bad in kwargs:

@@ -174,7 +174,7 @@ def _train(ctx, tqdm, *, train_data, val_data, teacher, epochs, batch_size, lr, 
         "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr), "weight_decay": float(weight_decay),
         "shift": int(shift), "clip": float(clip), "seed": int(seed), "num_train": len(train),
         "num_val": 0 if val is None else len(val), "recipe": rcp.settings(),
-        "architecture": getattr(teacher, "devit_teacher_kwargs", None),
+        "architecture": _architecture(teacher),
     }
     if warmup_epochs is not None:  # absent when unset, so older checkpoints still resume
         settings["warmup_epochs"] = float(warmup_epochs)
@@ -293,20 +293,43 @@ def _restore(loaded, ckdir, settings, teacher, opt, sched, steps_per_epoch, ema)
     return start, float(st["best_val"]), prefixed(tensors, "best") or None, list(st["history"])
 
 
+def _architecture(teacher: nn.Module) -> dict | None:
+    """What rebuilds `teacher`: `build_teacher`'s kwargs, or a CCT's whole config (`{"cct": cfg}`)."""
+    from .cct import CCT, teacher_config
+
+    if isinstance(teacher, CCT):
+        return {"cct": teacher_config(teacher)}
+    return getattr(teacher, "devit_teacher_kwargs", None)
+
+
 def save_teacher(teacher: nn.Module, path, extra: dict | None = None) -> None:
-    """`path/teacher.safetensors` + `path/teacher.json` (constructor kwargs of `build_teacher`, plus `extra`)."""
+    """`path/teacher.safetensors` + `path/teacher.json` (plus `extra`): `{"kwargs": build_teacher's kwargs}` for a
+    ViT built by `build_teacher`, `{"cct": config}` for a devit_ext CCT (any variant, e.g. from timm.create_model)."""
     from safetensors.torch import save_file
 
-    kwargs = getattr(teacher, "devit_teacher_kwargs", None)
-    if kwargs is None:
-        raise ValueError("teacher: was not built by devit_ext.teacher.build_teacher; save it with timm instead")
+    arch = _architecture(teacher)
+    if arch is None:
+        raise ValueError(f"teacher: a {type(teacher).__name__} not built by devit_ext.teacher.build_teacher nor a "
+                         "devit_ext CCT; save it with timm instead")
     os.makedirs(path, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in teacher.state_dict().items()}
     save_file(state, os.path.join(path, TEACHER_WEIGHTS))
     tmp = os.path.join(path, TEACHER_CONFIG + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"kwargs": kwargs, "extra": extra or {}}, f, indent=1)
+        json.dump({**(arch if "cct" in arch else {"kwargs": arch}), "extra": extra or {}}, f, indent=1)
     os.replace(tmp, os.path.join(path, TEACHER_CONFIG))
+
+
+def _cct_from_config(cfg: dict) -> nn.Module:
+    """A CCT teacher from its saved config, with the data config timm readers expect (mean/std/input size)."""
+    from .cct import CCT
+
+    if not isinstance(cfg, dict) or cfg.get("backbone") != "cct":
+        raise ValueError(f"{TEACHER_CONFIG}: 'cct' must hold a CCT config (backbone 'cct'), got {type(cfg).__name__}")
+    teacher = CCT(cfg)
+    teacher.pretrained_cfg = {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+                              "input_size": (cfg["in_chans"], *cfg["img_size"]), "num_classes": cfg["num_classes"]}
+    return teacher
 
 
 def load_teacher(path) -> tuple[nn.Module, dict]:
@@ -315,9 +338,12 @@ def load_teacher(path) -> tuple[nn.Module, dict]:
 
     with open(os.path.join(path, TEACHER_CONFIG)) as f:
         cfg = json.load(f)
-    kw = dict(cfg["kwargs"])
-    kw.pop("class_token", None)
-    kw.pop("global_pool", None)
-    teacher = build_teacher(**kw)
+    if "cct" in cfg:
+        teacher = _cct_from_config(cfg["cct"])
+    else:
+        kw = dict(cfg["kwargs"])
+        kw.pop("class_token", None)
+        kw.pop("global_pool", None)
+        teacher = build_teacher(**kw)
     teacher.load_state_dict(load_file(os.path.join(path, TEACHER_WEIGHTS)))
     return teacher.eval(), cfg.get("extra", {})

@@ -9,10 +9,13 @@ import torch
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox"]  # sorted, as ImageFolder orders them
 TEACHER = "vit_tiny_patch16_224"
 TEACHER_KWARGS = dict(img_size=16, patch_size=4, in_chans=1, num_classes=6, depth=2, embed_dim=32, num_heads=2)
+# the smallest published CCT (2 blocks, width 128, two 3x3 convs) on the same 16x16 grey images: 4x4 tokens
+CCT_TEACHER = "cct_2_3x2_32"
+CCT_KWARGS = dict(img_size=16, in_chans=1, num_classes=6)
 
 
-def kwargs_flags(**over) -> list[str]:
-    kw = dict(TEACHER_KWARGS, **over)
+def kwargs_flags(*, base: dict | None = None, **over) -> list[str]:
+    kw = dict(TEACHER_KWARGS if base is None else base, **over)
     return [f"{k}={v}" for k, v in kw.items()]
 
 
@@ -33,17 +36,21 @@ def write_imagefolder(root: str, per_split=(("train", 8), ("val", 3)), classes=C
     return root
 
 
-def train_teacher_file(path: str, data_root: str, steps: int = 30, **over) -> str:
-    """A timm teacher fitted for a few AdamW steps on the folder's train split, saved with safetensors."""
+def train_teacher_file(path: str, data_root: str, steps: int = 30, *, name: str = TEACHER, base: dict | None = None,
+                       **over) -> str:
+    """A timm teacher (`name`, kwargs `base` + `over`) fitted for a few AdamW steps on the folder's train split,
+    saved with safetensors."""
     import timm
     import timm.data
     from safetensors.torch import save_file
+
+    import devit_ext.cct  # noqa: F401 - registers the CCT variants with timm
 
     from devit_ext.imagefolder import as_tensors, load_split
     from devit_ext.run_dir import data_config
 
     torch.manual_seed(0)
-    t = timm.create_model(TEACHER, pretrained=False, **dict(TEACHER_KWARGS, **over))
+    t = timm.create_model(name, pretrained=False, **dict(TEACHER_KWARGS if base is None else base, **over))
     ds = load_split(data_root, "train", data_config(t))
     x, y = as_tensors(ds)
     opt = torch.optim.AdamW(t.parameters(), lr=3e-3)

@@ -142,3 +142,23 @@ def test_save_load_round_trip_and_an_edited_config_is_refused(tmp_path):
     json.dump(cfg, open(path, "w"))
     with pytest.raises(ModelFileError, match="tokenizer conv 0"):
         devit_ext.load(tmp_path / "m")
+
+
+def test_save_teacher_keeps_a_cct_teacher(tmp_path):
+    """The teacher file (teacher.json + safetensors) holds a CCT: its config, its weights and the data config."""
+    import timm
+
+    from devit_ext.teacher import load_teacher, save_teacher
+
+    t = timm.create_model("cct_2_3x2_32_sine", img_size=16, in_chans=1, num_classes=6).eval()
+    with torch.no_grad():
+        t.classifier.fc.bias.normal_()  # not the init, so the weights are what is compared
+    save_teacher(t, tmp_path / "t", extra={"val_acc": 0.5})
+    back, extra = load_teacher(tmp_path / "t")
+    assert isinstance(back, CCT) and extra == {"val_acc": 0.5} and not back.training
+    assert back.cfg["positional_embedding"] == "sine" and back.pretrained_cfg["mean"] == t.pretrained_cfg["mean"]
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(back(x), t(x))
+    with pytest.raises(ValueError, match="not built by devit_ext.teacher.build_teacher nor a devit_ext CCT"):
+        save_teacher(torch.nn.Linear(2, 2), tmp_path / "u")

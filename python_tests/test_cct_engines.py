@@ -51,11 +51,22 @@ def test_local_engine_stacks_cct_sub_models_and_agrees(convs, pos):
     assert "quantize_int8" in st.op_paths and "layernorm_quantize_int8" not in st.op_paths
 
 
-def test_local_engine_refuses_onnxruntime_for_ccts_and_bad_images():
+def test_local_engine_onnxruntime_sender_runs_ccts_and_auto_keeps_them_on_torch():
+    pytest.importorskip("onnxruntime", reason="the onnxruntime sender needs onnxruntime (extras: export)")
+    m = cct_devit(2)
+    x = uint8_images(24)
+    out, st = devit_ext.collaborate(m, x, transfer="int8", backend="onnxruntime", return_stats=True)
+    check_int8(out, m, x)  # each session gives the pooled vector; int8 quantisation alone is left
+    assert st.extra["sender_backend"] == "onnxruntime" and "one onnxruntime session per sub-model" in st.notes
+    assert st.transfer_bytes_per_image == [w + 4 for w in m.widths]
+    # (fp32 agreement of these programs with torch: test_worker_runtime.py, the same ort_sender.sender_module)
+    _, st = devit_ext.collaborate(m, x[:2], backend="auto", return_stats=True)
+    assert st.extra["sender_backend"] == "torch" and any("auto keeps CCTs on torch" in n for n in st.notes)
+
+
+def test_local_engine_refuses_bad_images_for_ccts():
     m = cct_devit(1)
-    with pytest.raises(ValueError, match="onnxruntime.*ViT"):
-        devit_ext.collaborate(m, uint8_images(2), backend="onnxruntime")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="images"):
         devit_ext.collaborate(m, torch.zeros(2, 3, 24, 24, dtype=torch.uint8))
 
 

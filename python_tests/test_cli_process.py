@@ -80,7 +80,8 @@ def test_bench_kernels_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_e2e_quick_tiny(tmp_path):
-    """ViT-S at 32 px, batch 2, without the spawned distributed row: every other row runs."""
+    """ViT-S at 32 px, batch 2, without the spawned distributed row: every other row runs; so do the CCT
+    teacher's and its DeCCT's rows (second table)."""
     r = run_cli(["bench", "e2e", "--quick", "--device", "cpu", "--out", "res"], tmp_path,
                 DEVIT_E2E_IMG="32", DEVIT_E2E_BATCHES="2", DEVIT_E2E_SKIP="distributed")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -102,15 +103,47 @@ def test_bench_e2e_quick_tiny(tmp_path):
     eng = by["local engine (ours, int8, onnxruntime sender)"] if "speedup_vs_ort" in base else by[local]
     assert lines["speedup vs teacher eager"]["value"] == pytest.approx(base["ms"] / eng["ms"], rel=1e-6)
     assert "not measured" in lines["peak RSS, engine / teacher eager"]["result"]  # --quick: no RSS processes
+    cct = {row["row"]: row for row in _rows(tmp_path / "res" / "e2e_e2e_cpu_cct_cpu.json")}
+    base = cct["CCT teacher eager"]
+    engine = cct["DeCCT local engine (ours, int8, torch sender)"]
+    for row in (base, cct["DeCCT naive loop eager"], engine, cct["DeCCT worker sub-model, torch runtime"]):
+        assert row["batch"] == 2 and row["ms"] > 0, row
+        assert row["speedup"] == pytest.approx(base["ms"] / row["ms"], rel=1e-6)  # against the CCT teacher
+    width = int(re.search(r"DeCCT \(d=(\d+),", r.stdout).group(1))
+    assert f"sender=torch; {width + 4} B/image/device" in engine["note"]  # the pooled vector in int8 + its scale
+    ort = cct["DeCCT local engine (ours, int8, onnxruntime sender)"]
+    if base["speedup_vs_ort"] != "-":  # onnxruntime imports here: its sender ran and says so
+        assert ort["ms"] > 0 and f"sender=onnxruntime; {width + 4} B/image/device" in ort["note"]
+    assert "cct_14_7x2_224 (32 px" in r.stdout
+
+
+def _readme_python_blocks() -> list[str]:
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "README has no python example"
+    return blocks
+
+
+def test_readme_cct_example():
+    """The README's CCT variant, run as written after the names of the main example it uses."""
+    import torch
+
+    code = next(b for b in _readme_python_blocks() if "import devit_ext.cct" in b)
+    names = {"images": torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8,
+                                     generator=torch.Generator().manual_seed(0))}
+    exec("import timm, torch\nimport devit_ext\n" + code, names)  # noqa: S102 - the README's own code
+    from devit_ext.cct import SubCCT
+
+    assert tuple(names["logits"].shape) == (8, 100)
+    decct = names["decct"]
+    assert decct.num_devices == 4 and all(isinstance(s, SubCCT) for s in decct.submodels)
+    assert sum(decct.flops()) <= 0.41 * decct.meta["teacher_flops"]
 
 
 @pytest.mark.slow
 def test_readme_example_at_224(tmp_path):
     """The README's quick-start code, run as written (224 px timm ViT)."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    start = readme.find("```python")
-    assert start >= 0, "README has no python example"
-    code = readme[start + len("```python"): readme.find("```", start + 9)]
+    code = _readme_python_blocks()[0]
     script = tmp_path / "example.py"
     # what the example's comments promise, checked on the names it defines
     checks = """

@@ -101,3 +101,55 @@ def test_executorch_export_runs_in_its_runtime(tmp_path):
     assert [d["path"] for d in man["devices"]] == ["device0.pte", "device1.pte"] and man["backend"] == "xnnpack"
     assert man["parity"]["fusion"]["top1_agreement"] == 1.0
     assert all(os.path.getsize(out / d["path"]) > 0 for d in man["devices"])
+
+
+def test_onnx_export_of_a_cct_devit_agrees_with_torch_and_sends_the_workers_message(tmp_path):
+    """Each device's CCT program (tokenizer convs .. sequence pooling) in onnxruntime: its pooled vector equals
+    torch's, and the message built from it without torch is the one the torch worker sends, up to rounding."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import numpy as np
+
+    from _agreement import assert_int8_agree
+    from devit_ext import protocol, wire
+    from devit_ext.engines import common
+    from devit_ext.export import device_message
+    from test_cct_engines import cct_devit, uint8_images
+
+    m = cct_devit(2)
+    man = export_model(m, str(tmp_path), "onnx")
+    assert [d["output_shape"] for d in man["devices"]] == [["batch", w] for w in m.widths]
+    assert man["devices"][0]["input_shape"] == ["batch", 3, 16, 16] and man["tokens_per_device"] == 1
+    x = common.normalise_images(m, uint8_images(5))  # a batch size the export never saw
+    rep = check_parity(m, str(tmp_path), man, x)
+    assert rep["fusion"]["top1_agreement"] == 1.0
+    tokens = []
+    for d, sub in zip(man["devices"], m.submodels):
+        s = ort.InferenceSession(str(tmp_path / d["path"]), providers=["CPUExecutionProvider"])
+        tok = s.run(None, {d["input"]: x.numpy()})[0]
+        with torch.no_grad():
+            ref = sub.sender_tokens(x)  # (B, 1, d): what the torch worker quantises
+        torch.testing.assert_close(torch.from_numpy(tok), ref[:, 0], rtol=1e-5, atol=1e-5)
+        got = wire.decode(torch.frombuffer(bytearray(device_message(man["wire"], tok, d["device"], 3)),
+                                           dtype=torch.uint8), expected_hash=m.content_hash(), device=d["device"])
+        want = protocol.encode(ref, *sub.sender_norm(), "int8")
+        assert got.batch_id == 3 and got.q.shape == (5, 1, d["width"])
+        assert_int8_agree(want.q, want.scales, got.q, got.scales, ref, None)
+        tokens.append(tok)
+    s = ort.InferenceSession(str(tmp_path / man["fusion"]["path"]), providers=["CPUExecutionProvider"])
+    logits = s.run(None, {"tokens": np.concatenate(tokens, axis=-1)})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), m(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_executorch_export_of_a_cct_devit_runs_in_its_runtime(tmp_path):
+    pytest.importorskip("executorch")
+    from devit_ext.engines import common
+    from test_cct_engines import cct_devit, uint8_images
+
+    m = cct_devit(1, "sine")
+    man = export_model(m, str(tmp_path), "executorch")
+    assert [d["path"] for d in man["devices"]] == ["device0.pte", "device1.pte", "device2.pte"]
+    rep = check_parity(m, str(tmp_path), man, common.normalise_images(m, uint8_images(5)))
+    assert rep["fusion"]["top1_agreement"] == 1.0 and max(d["max_abs_diff"] for d in rep["devices"]) < 1e-4

@@ -45,15 +45,17 @@ def _message(w, images, transfer="int8", dtype=torch.float32):
 
 
 def _agree(path, model, raw, name):
+    world = model.num_devices + 1
     for rank in (1, 2):
-        ref = worker._Worker(path, rank, 3, "cpu", 10.0)
-        got = worker._Worker(path, rank, 3, "cpu", 10.0, runtime=name)
+        ref = worker._Worker(path, rank, world, "cpu", 10.0)
+        got = worker._Worker(path, rank, world, "cpu", 10.0, runtime=name)
         assert ref.runner.runtime == "torch" and got.runner.runtime == name
         a, b = _message(ref, raw), _message(got, raw)
         with torch.inference_mode():
             x = common.normalise_images(ref.model, raw)
-            pre = ref.sub.forward_features(x, final_norm=False)[:, : ref.tokens]
-        assert_int8_agree(a.q, a.scales, b.q, b.scales, pre, ref.sub.norm)
+            pre = ref.sub.sender_tokens(x)  # ViT: pre-norm prefix tokens; CCT: the pooled vector
+        eps = ref.sub.sender_norm()[2]
+        assert_int8_agree(a.q, a.scales, b.q, b.scales, pre, None if eps is None else ref.sub.norm)
         # fp32 transfer: the float tokens agree to fp32 rounding
         torch.testing.assert_close(_message(got, raw, "fp32").tokens, _message(ref, raw, "fp32").tokens,
                                    rtol=1e-4, atol=1e-4)
@@ -69,6 +71,34 @@ def test_executorch_worker_sends_the_torch_message(saved, raw):
     if not ok:
         pytest.skip(f"--runtime executorch needs executorch, not in the test extra: {why}")
     _agree(*saved, raw, "executorch")
+
+
+@pytest.fixture(scope="module")
+def saved_cct(tmp_path_factory):
+    """A saved DeViT of 3 CCTs (two-conv tokenizer, two shapes) and uint8 images it takes."""
+    from test_cct_engines import cct_devit, uint8_images
+
+    model = cct_devit(2)
+    path = tmp_path_factory.mktemp("wcct") / "devit"
+    model.save(path)
+    return str(path), model, uint8_images(6)
+
+
+def test_onnxruntime_worker_sends_the_torch_message_for_a_cct(saved_cct):
+    pytest.importorskip("onnxruntime", reason="--runtime onnxruntime needs onnxruntime (extras: export)")
+    path, model, images = saved_cct
+    _agree(path, model, images, "onnxruntime")
+    w = worker._Worker(path, 3, 4, "cpu", 10.0, runtime="onnxruntime")
+    m = _message(w, images)
+    assert m.q.shape == (6, 1, model.widths[2])  # one pooled vector per image: d int8 values + a scale
+
+
+def test_executorch_worker_sends_the_torch_message_for_a_cct(saved_cct):
+    ok, why = runtime.status("executorch")
+    if not ok:
+        pytest.skip(f"--runtime executorch needs executorch, not in the test extra: {why}")
+    path, model, images = saved_cct
+    _agree(path, model, images, "executorch")
 
 
 def test_runner_matches_the_model(saved, raw):

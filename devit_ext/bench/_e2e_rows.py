@@ -43,25 +43,30 @@ class Setting:
     """
 
     def __init__(self, skip: set, img: int, meta_teacher: bool = False):
-        from ..engines import ort_sender
         from ..shapes import teacher_config, vit_flops
         from ._e2e_models import CPU_TEACHER, NUM_DEVICES, _inputs, build_devit, default_cpu_shape, make_teacher
 
-        self.skip, self.img = skip, img
+        self._state(skip, img)
         with torch.device("meta") if meta_teacher else contextlib.nullcontext():
             self.teacher = make_teacher(CPU_TEACHER, img_size=img)
         shape, how = default_cpu_shape(self.teacher)
         self.model = build_devit(self.teacher, [shape] * NUM_DEVICES)
         frac = sum(self.model.flops()) / vit_flops(teacher_config(self.teacher))
-        self.ort_ok, self.ort_why = ort_sender.available()
-        if "ort" in skip:
-            self.ort_ok, self.ort_why = False, "DEVIT_E2E_SKIP=ort"
         self.title = (f"e2e cpu: {CPU_TEACHER} ({img} px) vs {NUM_DEVICES}x(d={shape['embed_dim']},H={shape['num_heads']},"
                       f"L={shape['depth']},mlp={shape['mlp_hidden']}) = {frac:.0%} of the teacher's FLOPs [{how}], fp32, "
                       f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start; "
                       f"onnxruntime: {self.ort_why}")
         self.example = _inputs(2, self.model, "cpu", torch.float32, n=1)[0]
-        self.box: dict = {}
+
+    def _state(self, skip: set, img: int) -> None:
+        """What every setting keeps besides its models: the skips, onnxruntime's status, engine stats, left-out rows."""
+        from ..engines import ort_sender
+
+        self.skip, self.img = skip, img
+        self.ort_ok, self.ort_why = ort_sender.available()
+        if "ort" in skip:
+            self.ort_ok, self.ort_why = False, "DEVIT_E2E_SKIP=ort"
+        self.box: dict = {}  # the engine rows' last stats, for their notes
         self.skipped: list[tuple[str, str]] = []  # (row, why) of rows left out
 
     def _engine(self, backend):
@@ -83,16 +88,16 @@ class Setting:
         return note
 
     def _worker(self, name):
-        """Device 0's per-micro-batch compute in `devit-ext worker --runtime NAME`: sub-model + LayerNorm+int8."""
+        """Device 0's per-micro-batch compute in `devit-ext worker --runtime NAME`: sub-model + LayerNorm+int8
+        (a CCT: its pooled vector + int8, no norm left)."""
         from .. import protocol
         from ..engines.runtime import SubModelRunner
 
         sub = self.model.submodels[0]
         run = SubModelRunner(sub, name)
-        return lambda x: protocol.encode(run(x), sub.norm.weight, sub.norm.bias, sub.norm.eps, "int8")
+        return lambda x: protocol.encode(run(x), *sub.sender_norm(), "int8")
 
     def rows(self) -> list[tuple[str, Callable, Any]]:
-        from ..engines import collaborate
         from ._e2e_models import PlainStacked
 
         m, t, ex = self.model, self.teacher, self.example
@@ -105,24 +110,34 @@ class Setting:
             out.append(("teacher onnxruntime", lambda: _ort_fn(t, ex), "baseline of speedup_vs_ort"))
         out.append(("naive loop eager", lambda: m, "DeViT.forward: the sub-models one after the other"))
         if self.ort_ok:
-            def seq():
-                subs = [_ort_fn(_Tokens(s), ex) for s in m.submodels]
-                return lambda x: m.fusion([f(x) for f in subs])
-            out.append((SEQ_ORT_ROW, seq, "4 sessions + fusion head in torch"))
+            out.append((SEQ_ORT_ROW, self._seq_ort, "4 sessions + fusion head in torch"))
         out.append(("plain stacked eager", lambda: PlainStacked(m), ""))
         out.append((TORCH_ENGINE_ROW, lambda: self._engine("torch"), self._engine_note("torch")))
         if self.ort_ok:
             out.append((ENGINE_ROW, lambda: self._engine("onnxruntime"), self._engine_note("onnxruntime")))
         else:
             self.skipped.append((ENGINE_ROW, self.ort_why))
+        return out + self._device_rows("", "sub-model + LayerNorm+int8")
+
+    def _seq_ort(self):
+        """The sub-models one after the other in onnxruntime (one session each) + the fusion head in torch."""
+        m = self.model
+        subs = [_ort_fn(_Tokens(s), self.example) for s in m.submodels]
+        return lambda x: m.fusion([f(x) for f in subs])
+
+    def _device_rows(self, prefix: str, sends: str) -> list[tuple[str, Callable, Any]]:
+        """The distributed engine over loopback, and device 0's worker compute on each runtime (`prefix` + name)."""
+        from ..engines import collaborate
+
+        m, out = self.model, []
+        name = prefix + "distributed engine (loopback, spawned workers)"
         if "distributed" not in self.skip:
-            out.append(("distributed engine (loopback, spawned workers)",
-                        lambda: lambda x: collaborate(m, x, engine="distributed", spawn=True, timeout=60.0), ""))
+            out.append((name, lambda: lambda x: collaborate(m, x, engine="distributed", spawn=True, timeout=60.0), ""))
         else:
-            self.skipped.append(("distributed engine (loopback, spawned workers)", "DEVIT_E2E_SKIP"))
+            self.skipped.append((name, "DEVIT_E2E_SKIP"))
         if "worker" not in self.skip:
             for rt, name in WORKER_ROWS.items():
                 if rt == "torch" or self.ort_ok:
-                    out.append((name, lambda rt=rt: self._worker(rt), "device 0: sub-model + LayerNorm+int8 "
+                    out.append((prefix + name, lambda rt=rt: self._worker(rt), f"device 0: {sends} "
                                 "(what `devit-ext worker --runtime` computes per micro-batch)"))
         return out

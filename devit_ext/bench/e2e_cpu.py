@@ -14,6 +14,9 @@ interleaved round after round in one process on the same inputs:
   sender path ran (never a silent fallback)
 - the distributed engine over loopback (spawned workers)
 
+A second table (`_e2e_cct_rows`): a CCT teacher (`cct_14_7x2_224`) against its 4-device
+DeCCT from `decompose`, the same kinds of rows (DEVIT_E2E_SKIP=cct leaves it out).
+
 Quiet-machine guard: per round, the CPU time other processes used (from
 /proc/stat minus this process's own, /proc/self/stat) in cores. Medians use the
 rounds where others used under `QUIET_CORES` cores when at least 3 such rounds
@@ -21,7 +24,7 @@ exist, else every round; the table says which (`rounds`, `others_load`).
 
 Every onnxruntime session runs with `session.intra_op.allow_spinning = 0`, or its
 idle threads would slow the next row. Env knobs: DEVIT_E2E_BATCHES="1,8,32",
-DEVIT_E2E_SKIP="compile,distributed,ort", DEVIT_E2E_ROUNDS=7, DEVIT_E2E_IMG=224.
+DEVIT_E2E_SKIP="compile,distributed,ort,worker,cct", DEVIT_E2E_ROUNDS=7, DEVIT_E2E_IMG=224.
 """
 from __future__ import annotations
 
@@ -67,8 +70,10 @@ class Guard:
         return False
 
 
-def interleave(table: Table, batch: int, entries, inputs, rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Time each (name, fn, note) in turn, round after round; rows with medians over the quiet rounds."""
+def interleave(table: Table, batch: int, entries, inputs, rounds: int, warmup: int = 1,
+               ort_row: str = "teacher onnxruntime") -> dict[str, float]:
+    """Time each (name, fn, note) in turn, round after round; rows with medians over the quiet rounds.
+    `speedup` is against the first entry, `speedup_vs_ort` against `ort_row`."""
     setup, live = {}, []
     with torch.inference_mode():
         for name, fn, note in entries:
@@ -102,7 +107,7 @@ def interleave(table: Table, batch: int, entries, inputs, rounds: int, warmup: i
     which = f"{len(use)}/{len(load)} quiet" if use is quiet else f"all {len(load)} (only {len(quiet)} quiet)"
     med = {n: statistics.median([v[i] for i in use]) for n, v in times.items()}
     base = med.get(entries[0][0])
-    ort_base = med.get("teacher onnxruntime")
+    ort_base = med.get(ort_row)
     loads = [load[i] for i in use]
     for name, _, note in live:
         s = med[name]
@@ -117,7 +122,6 @@ def interleave(table: Table, batch: int, entries, inputs, rounds: int, warmup: i
 
 
 def run_cpu(quick: bool, env_list) -> list[Table]:
-    from ._e2e_models import _inputs
     from ._e2e_rss import rss_rows
     from ._e2e_targets import targets
 
@@ -127,7 +131,37 @@ def run_cpu(quick: bool, env_list) -> list[Table]:
     img = int(os.environ.get("DEVIT_E2E_IMG") or 224)  # smaller for smoke runs; the title says which
     # peak RSS: one fresh subprocess per row (seconds each): on by default, off for --quick
     rss = os.environ.get("DEVIT_E2E_RSS", "0" if quick else "1") not in ("", "0")
-    st = Setting(skip, img)
+    t, names, meds = _timed(Setting(skip, img), batches, rounds)  # its models are freed before the CCT table
+    cct_table = None
+    if "cct" not in skip:
+        from ._e2e_cct_rows import TEACHER_ORT_ROW, CctSetting
+
+        try:
+            cct_table = _timed(CctSetting(skip, img), batches, rounds, ort_row=TEACHER_ORT_ROW)[0]
+        except Exception as e:  # noqa: BLE001 - the table says what failed; nothing is faked
+            cct_table = Table("e2e cpu cct: failed")
+            cct_table.add(row="CCT teacher vs DeCCT", ms="-",
+                          note=f"failed to build: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    rss_table = rss_rows(names, max(batches), img, skip) if rss else None
+    if rss_table is not None:  # each row's peak RSS next to its times
+        peaks = {r["row"]: r for r in rss_table.rows}
+        for r in t.rows:
+            p = peaks.get(r["row"])
+            if p is not None and "peak_rss_mb" in p:
+                r["peak_rss_mb"], r["rss_above_imports_mb"] = p["peak_rss_mb"], p["rss_above_imports_mb"]
+    tables = [t, targets(meds, rss_table, batches)]
+    if rss_table is not None:
+        tables.insert(1, rss_table)
+    if cct_table is not None:
+        tables.append(cct_table)
+    return tables
+
+
+def _timed(st, batches, rounds, **kw) -> tuple[Table, list[str], dict[int, dict[str, float]]]:
+    """One setting's table: build its rows (a row that fails to build says so), time them at every batch.
+    Returns (table, names of the rows that ran, {batch: {row: median seconds}})."""
+    from ._e2e_models import _inputs
+
     t = Table(st.title)
     entries = []
     for name, make, note in st.rows():
@@ -140,15 +174,5 @@ def run_cpu(quick: bool, env_list) -> list[Table]:
         t.add(row=name, ms="-", note=f"skipped: {why}")
     meds = {}
     for b in batches:
-        meds[b] = interleave(t, b, entries, _inputs(b, st.model, "cpu", torch.float32, n=2), rounds=rounds)
-    rss_table = rss_rows([n for n, _, _ in entries], max(batches), img, skip) if rss else None
-    if rss_table is not None:  # each row's peak RSS next to its times
-        peaks = {r["row"]: r for r in rss_table.rows}
-        for r in t.rows:
-            p = peaks.get(r["row"])
-            if p is not None and "peak_rss_mb" in p:
-                r["peak_rss_mb"], r["rss_above_imports_mb"] = p["peak_rss_mb"], p["rss_above_imports_mb"]
-    tables = [t, targets(meds, rss_table, batches)]
-    if rss_table is not None:
-        tables.insert(1, rss_table)
-    return tables
+        meds[b] = interleave(t, b, entries, _inputs(b, st.model, "cpu", torch.float32, n=2), rounds=rounds, **kw)
+    return t, [n for n, _, _ in entries], meds

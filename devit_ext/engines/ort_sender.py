@@ -72,6 +72,24 @@ class AllPreNormTokens(nn.Module):
         return torch.cat([self._tokens(s, images) for s in self.subs], dim=-1)
 
 
+class PooledVector(nn.Module):
+    """A CCT's sender program: images -> its sequence-pooled vector (B, 1, d), `SubCCT.sender_tokens` (the final
+    norm precedes the pooling, so nothing is left for `protocol.encode` but the int8 quantisation)."""
+
+    def __init__(self, sub: nn.Module):
+        super().__init__()
+        self.sub = sub
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.sub.sender_tokens(images)
+
+
+def sender_module(sub: nn.Module) -> nn.Module:
+    """The program a sub-model's sender runs on onnxruntime / ExecuTorch, in eval mode: a ViT's pre-norm prefix
+    tokens (`AllPreNormTokens`), a CCT's pooled vector (`PooledVector`; a CCT has no prefix tokens)."""
+    return (PooledVector(sub) if int(sub.num_prefix_tokens) == 0 else AllPreNormTokens([sub])).eval()
+
+
 _SHARED_ARENA: list = []  # registered once per process
 
 
@@ -133,7 +151,8 @@ def make_session(model_bytes: bytes, threads: int | None = None):
 
 
 class OrtSender:
-    """Callable like `stacked.SenderStack`: normalised fp32 images (B, C, H, W) -> per model (B, T, d).
+    """Callable like `stacked.SenderStack`: normalised fp32 images (B, C, H, W) -> per model (B, T, d)
+    (a CCT: its pooled vector, (B, 1, d)).
 
     One session per sub-model, run one after the other: in two interleaved bench runs (docs/perf-notes.md)
     The bench's row of 4 sessions (one per sub-model, run in turn) beat an earlier version of this
@@ -149,7 +168,7 @@ class OrtSender:
         c = subs[0].cfg
         example = torch.randn(2, int(c["in_chans"]), *tuple(c["img_size"]))
         with torch.no_grad():
-            self.sessions = [make_session(onnx_bytes(AllPreNormTokens([s]).eval(), example), threads) for s in subs]
+            self.sessions = [make_session(onnx_bytes(sender_module(s), example), threads) for s in subs]
         self.version = available()[1]
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:

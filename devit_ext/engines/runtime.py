@@ -1,16 +1,17 @@
 """What runs one device's sub-model up to its int8 message: torch, onnxruntime or ExecuTorch.
 
 `SubModelRunner(sub, runtime)` is a callable: normalised float32 images (B, C, H, W) ->
-the sub-model's *pre-norm* prefix tokens (B, T, d). The final LayerNorm and the int8
-quantisation stay in `protocol.encode` (`layernorm_quantize_int8`) on every runtime, so
+what the sub-model's `sender_tokens` gives (B, T, d): a ViT's *pre-norm* prefix tokens, a
+CCT's sequence-pooled vector (B, 1, d; its final norm precedes the pooling). The final
+LayerNorm (ViT) and the int8 quantisation stay in `protocol.encode` on every runtime, so
 a worker sends the same wire message whichever runtime computed its tokens; the runtimes
 differ only by float32 rounding of the tokens (an int8 value on a rounding boundary can
 move by one).
 
-- torch: `SubViT.forward_features(x, final_norm=False)[:, :T]`, eager, any device / dtype.
-- onnxruntime: the sub-model exported once by `ort_sender.onnx_bytes` (the local engine's
-  onnxruntime sender uses the same graph: the last block on the prefix tokens only), CPU,
-  float32, one session, spinning off.
+- torch: `sub.sender_tokens(x)`, eager, any device / dtype.
+- onnxruntime: the sub-model exported once by `ort_sender.onnx_bytes` (for a ViT the local
+  engine's onnxruntime sender uses the same graph: the last block on the prefix tokens only;
+  for a CCT the whole `sender_tokens`), CPU, float32, one session, spinning off.
 - executorch: the same module through `torch.export` + XNNPACK (`executorch_bytes`, which
   `devit_ext.export` also writes its .pte files with), run by ExecuTorch's Python runtime;
   CPU, float32, batch at most `MAX_BATCH_EXECUTORCH`. Optional: not in the test extra.
@@ -66,7 +67,7 @@ def executorch_bytes(module: nn.Module, example: torch.Tensor, max_batch: int = 
 
 
 class SubModelRunner:
-    """One sub-model on one runtime: normalised images -> pre-norm prefix tokens (B, T, d)."""
+    """One sub-model on one runtime: normalised images -> `sub.sender_tokens` (B, T, d)."""
 
     def __init__(self, sub: nn.Module, runtime: str = "torch", *, device: torch.device | str = "cpu",
                  threads: int | None = None):
@@ -80,14 +81,12 @@ class SubModelRunner:
         self.sub = sub
         if runtime == "torch":
             return
-        if self.T == 0:  # a CCT sends its pooled vector: the ONNX/ExecuTorch sender covers ViT prefix tokens only
-            raise ValueError(f"runtime {runtime!r}: CCT sub-models run on runtime 'torch' only")
         if self.device.type != "cpu":
             raise ValueError(f"runtime {runtime!r} runs on the CPU, got device {self.device}")
         c = sub.cfg
         example = torch.randn(2, int(c["in_chans"]), *tuple(c["img_size"]))
         # a float32 CPU copy for the export; the caller's module stays as it is
-        module = ort_sender.AllPreNormTokens([_cpu_float_copy(sub)]).eval()
+        module = ort_sender.sender_module(_cpu_float_copy(sub))
         with torch.no_grad():
             if runtime == "onnxruntime":
                 sess = ort_sender.make_session(ort_sender.onnx_bytes(module, example), threads)
@@ -97,7 +96,7 @@ class SubModelRunner:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.runtime == "torch":
-            return self.sub.forward_features(images, final_norm=False)[:, : self.T]
+            return self.sub.sender_tokens(images)
         if images.dtype != torch.float32 or images.device.type != "cpu":
             raise ValueError(f"runtime {self.runtime!r}: images must be float32 on the CPU, "
                              f"got {images.dtype} on {images.device}")

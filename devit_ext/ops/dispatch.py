@@ -147,7 +147,8 @@ def build_info() -> dict[str, Any]:
     (`op_paths`), so a fallback to the reference is never silent; onnxruntime
     (its version, or None) with onnxruntime_error (why it does not import), and
     local_backend_cpu: what the local engine's `backend="auto"` runs on for CPU
-    float32 ("onnxruntime" or "torch (why)").
+    float32 ("onnxruntime" or "torch (why)"), for ViT sub-models (a DeViT of CCTs
+    stays on torch under "auto" and says so in its stats).
     """
     from ..kernels import _launch
 
