@@ -6,13 +6,16 @@ one int8 class token to an aggregator whose fusion head gives the logits.
 
 Public API: decompose, train_dekd, collaborate, load, DeViT, ops, build_info.
 Heavy modules (timm, the engines) load on first use so `import devit_ext`
-stays fast.
+stays fast; the CCT variants join timm's registry as soon as timm is imported.
 """
 from __future__ import annotations
 
 import importlib
 
+from . import _timm_hook
 from ._version import __version__
+
+_timm_hook.install()  # the CCT variants in timm's registry once timm is imported (see _timm_hook)
 
 _LAZY = {
     "build_info": ("devit_ext.ops.dispatch", "build_info"),

@@ -185,6 +185,28 @@ def test_import_devit_ext_is_light():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 
+@pytest.mark.parametrize("first", ["devit_ext", "timm"])
+def test_cct_variants_in_timm_after_import_devit_ext(first):
+    """With devit_ext imported, timm.create_model knows the CCT variants whichever of the two came first,
+    and `import devit_ext` alone still leaves timm unimported."""
+    pytest.importorskip("timm")
+    second = "timm" if first == "devit_ext" else "devit_ext"
+    r = _run(
+        f"""
+        import sys
+        import {first}
+        assert ("timm" in sys.modules) == ({first!r} == "timm")
+        import {second}
+        import timm
+        m = timm.create_model("cct_7_3x1_32", num_classes=100)
+        assert type(m).__name__ == "CCT" and m.num_classes == 100, m
+        assert "cct_14_7x2_224" in timm.list_models("cct_*")
+        print("ok")
+        """
+    )
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
 def test_dtype_codes_match_native():
     """devit_ext.checks.DTYPE_CODES (what the ops pass to the kernels) is csrc/dtype.h's table."""
     if _build.native() is None:

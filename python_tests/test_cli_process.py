@@ -128,7 +128,7 @@ def test_readme_cct_example():
     """The README's CCT variant, run as written after the names of the main example it uses."""
     import torch
 
-    code = next(b for b in _readme_python_blocks() if "import devit_ext.cct" in b)
+    code = next(b for b in _readme_python_blocks() if "cct_14_7x2_224" in b)
     names = {"images": torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8,
                                      generator=torch.Generator().manual_seed(0))}
     exec("import timm, torch\nimport devit_ext\n" + code, names)  # noqa: S102 - the README's own code
