@@ -29,7 +29,8 @@ LAYERS = [
                  "devit_ext.checkpoint", "devit_ext.teacher", "devit_ext.dekd",
                  "devit_ext.training", "devit_ext.engines"]),
     ("top", ["devit_ext.evaluate", "devit_ext.export", "devit_ext.run_dir", "devit_ext.imagefolder",
-             "devit_ext.commands", "devit_ext.cli", "devit_ext.__main__", "devit_ext.demo", "devit_ext.bench"]),
+             "devit_ext.commands", "devit_ext.cli", "devit_ext.__main__", "devit_ext.demo", "devit_ext.bench",
+             "devit_ext._timm_hook"]),
 ]
 # the package's __init__: lazy re-exports of the public API, part of the top layer (the CLI reads
 # __version__ and build_info through it); nothing below the top may import it
