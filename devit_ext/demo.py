@@ -72,9 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"where the trained teacher is kept (safetensors + JSON; default {_default_cache()})")
     p.add_argument("--no-cache", action="store_true", help="always train the teacher, keep nothing")
     p.add_argument("--out-dir", default=None, help="DEKD checkpoints and the trained DeViT (devit_ext.load)")
-    p.add_argument("--epochs", type=int, default=None, help="teacher epochs (default 30; --tiny: 1)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"teacher epochs (default {TEACHER_TRAIN['epochs']}; --tiny: {TINY_TEACHER_TRAIN['epochs']})")
     p.add_argument("--dekd-epochs", type=int, nargs=2, metavar=("DISTILL", "ENSEMBLE"), default=None,
-                   help="DEKD epochs per stage (default 6 12; --tiny: 1 1)")
+                   help=f"DEKD epochs per stage (default {DEKD['epochs']['distill']} {DEKD['epochs']['ensemble']}; "
+                        f"--tiny: {TINY_DEKD['epochs']['distill']} {TINY_DEKD['epochs']['ensemble']})")
     p.add_argument("--device-dropout", type=float, default=None,
                    help="probability of zeroing one random device's tokens per sample in stage 'ensemble' (0.1)")
     p.add_argument("--tiny", action="store_true",
