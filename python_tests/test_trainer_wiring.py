@@ -1,0 +1,175 @@
+"""What `train_dekd` hands each epoch of each stage: the settings, the class tables, the epoch plan and its
+seeds, the optimizer, the lr schedule and the clip groups. The epochs are replaced by spies (no training),
+so this runs in a second; the epochs themselves are pinned by test_method_dekd*.py."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import devit_ext
+import devit_ext.dekd.trainer as T
+from devit_ext import data as D
+from devit_ext.teacher import build_teacher
+from devit_ext.training import common as U
+from devit_ext.training import sampling as S
+
+torch.set_num_threads(1)
+SUMS = {"distill": {"loss": 2.0, "ce": 1.0, "kd": 0.5, "rel": 0.25, "correct": 1.0, "seen": 4.0},
+        "ensemble": {"loss": 3.0, "mse": 1.5, "ce": 0.75, "kd": 0.25, "correct": 2.0, "seen": 8.0}}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return D.synthetic(num_classes=6, per_class=8, img_size=16, channels=1, seed=0)
+
+
+def _setup():
+    t = build_teacher(img_size=16, patch_size=4, in_chans=1, num_classes=6, embed_dim=32, depth=2, num_heads=2,
+                      mlp_ratio=2.0, seed=0).eval()
+    return t, devit_ext.decompose(t, 2, seed=0)
+
+
+def _seed(seed, *salt):  # the documented (seed, salt...) hash, written out
+    s = seed
+    for v in salt:
+        s = (s * 1_000_003 + v + 1) % 2**63
+    return s
+
+
+def _spy(monkeypatch):
+    calls = []
+
+    def record(stage):
+        def epoch(io, model, *args, **kw):
+            st = args[-1]  # lr_at reads the trainer's loop variables: evaluate it now, during the epoch
+            calls.append(dict(stage=stage, io=io, model=model, args=args, kw=kw, stepper=st,
+                              lrs=[st.lr_at(k) for k in range(-(-len(io.plan) // st.accum))],
+                              trainable={n for n, p in model.named_parameters() if p.requires_grad}))
+            return dict(SUMS[stage])
+        return epoch
+
+    monkeypatch.setattr(T, "distill_epoch", record("distill"))
+    monkeypatch.setattr(T, "ensemble_epoch", record("ensemble"))
+    return calls
+
+
+def _ids(ps):
+    return [id(p) for p in ps]
+
+
+def test_each_epoch_gets_the_settings_tables_plan_and_schedule(tiny, monkeypatch):
+    calls = _spy(monkeypatch)
+    teacher, model = _setup()
+    labels = tiny.train.labels
+    hist = devit_ext.train_dekd(
+        model, teacher, tiny.train, epochs=(2, 1), batch_size=8, lr=(0.01, 0.02), weight_decay=0.07,
+        warmup_epochs=1.0, clip=0.5, alpha=0.3, distill_kind="soft", temperature=2.0, relation_weights=(0.4, 0.5, 0.6),
+        relation_layers=[(0, 1)], shift=1, token_weight=0.7, quant_aware=False, device_dropout=0.25,
+        freeze_backbones=True, seed=5, device="cpu", progress=False)
+    assert [c["stage"] for c in calls] == ["distill", "distill", "ensemble"]
+    groups = model.class_groups
+    names = {n for n, _ in model.named_parameters()}
+    fusion = {n for n in names if n.startswith("fusion.")}
+    group_idx = [torch.tensor([j for j, y in enumerate(labels.tolist()) if y in g]) for g in groups]
+    for epoch, c in enumerate(calls[:2]):
+        teacher_arg, subteachers, groups_arg, lut, pairs, stepper = c["args"]
+        assert teacher_arg is teacher and subteachers is None and groups_arg == groups
+        assert lut.tolist() == [next(g.index(k) for g in groups if k in g) for k in range(6)]
+        assert pairs == [[(0, 1)], [(0, 1)]]
+        assert c["kw"] == dict(alpha=0.3, kind="soft", temperature=2.0, label_smoothing=0.0,
+                               rweights=[0.4, 0.5, 0.6], shift=1, mixups=None)
+        assert c["trainable"] == names - fusion  # the fusion does not train in stage "distill"
+        io = c["io"]
+        assert io.seed == _seed(5, 1, epoch, 7, 0) and io.g.initial_seed() == _seed(5, 1, epoch)
+        assert io.image_shape == (1, 16, 16) and io.dev == torch.device("cpu")
+        assert io.label == f"train_dekd: stage 'distill' epoch {epoch + 1}"
+        want = S.grouped(group_idx, 8, torch.Generator().manual_seed(_seed(5, 1, epoch)))
+        assert [b.tolist() for b in io.plan.batches] == [b.tolist() for b in want.batches]
+        assert io.plan.sizes == want.sizes
+        steps = math.ceil(max(len(ix) for ix in group_idx) / 8)
+        assert len(io.plan) == steps
+        total, warm = 2 * steps, min(steps, 2 * steps - 1)
+        assert c["lrs"] == [U.cosine_lr(epoch * steps + k, total, warm, 0.01) for k in range(steps)]
+        assert (stepper.clip, stepper.accum, stepper.ema, stepper.step) == (0.5, 1, None, 0)
+        assert [_ids(g) for g in stepper.clip_groups] == [_ids(m.parameters()) for m in model.submodels]
+        opt = stepper.opt
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.07, 0.0]
+        assert sorted(_ids(p for g in opt.param_groups for p in g["params"])) == sorted(
+            _ids(p for m in model.submodels for p in m.parameters()))
+    assert calls[0]["stepper"].opt is calls[1]["stepper"].opt  # one optimizer per stage, kept across epochs
+    c = calls[2]
+    assert c["args"][0] is teacher and len(c["args"]) == 2
+    assert c["kw"] == dict(alpha=0.3, kind="soft", temperature=2.0, label_smoothing=0.0, token_weight=0.7,
+                           quant_aware=False, device_dropout=0.25, freeze=True, shift=1, mixup=None)
+    assert c["trainable"] == fusion  # freeze_backbones: only the fusion trains
+    io, stepper, n = c["io"], c["stepper"], len(labels)
+    assert io.seed == _seed(5, 2, 0, 7, 0) and io.g.initial_seed() == _seed(5, 2, 0)
+    assert io.label == "train_dekd: stage 'ensemble' epoch 1"
+    want = S.shuffled(n, 8, torch.Generator().manual_seed(_seed(5, 2, 0)))
+    assert [b.tolist() for b in io.plan.batches] == [b.tolist() for b in want.batches]
+    steps = math.ceil(n / 8)
+    assert c["lrs"] == [U.cosine_lr(k, steps, steps - 1, 0.02) for k in range(steps)]
+    assert [_ids(g) for g in stepper.clip_groups] == [_ids(p for k, p in model.named_parameters() if k in fusion)]
+    assert opt is not stepper.opt and stepper.opt.param_groups[0]["lr"] == 0.02
+    for stage, recs in (("distill", hist["distill"]), ("ensemble", hist["ensemble"])):
+        s = SUMS[stage]
+        for e, rec in enumerate(recs):
+            assert rec["epoch"] == e + 1 and rec["mixup"] is False and rec["seconds"] >= 0
+            assert rec["lr"] == (0.01 if stage == "distill" else 0.02)  # the spies took no step
+            assert {k: rec[k] for k in s if k not in ("correct", "seen")} == {
+                k: v / s["seen"] for k, v in s.items() if k not in ("correct", "seen")}
+            assert rec["train_acc"] == s["correct"] / s["seen"]
+    assert len(hist["distill"]) == 2 and len(hist["ensemble"]) == 1 and hist["best"] == {}
+    st = hist["settings"]
+    assert (st["epochs"], st["lr"], st["batch_size"], st["weight_decay"]) == (
+        {"distill": 2, "ensemble": 1}, {"distill": 0.01, "ensemble": 0.02}, 8, 0.07)
+    assert (st["relation_pairs"], st["relation_weights"], st["alpha"], st["temperature"], st["token_weight"]) == (
+        [[[0, 1]], [[0, 1]]], [0.4, 0.5, 0.6], 0.3, 2.0, 0.7)
+    assert (st["num_train"], st["num_val"], st["world_size"], st["seed"], st["shift"]) == (n, 0, 1, 5, 1)
+    assert (st["quant_aware"], st["freeze_backbones"], st["device_dropout"], st["distill_kind"]) == (
+        False, True, 0.25, "soft")
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_label_smoothing_mixup_accumulation_and_the_deit_lr_rule_reach_the_epochs(tiny, monkeypatch):
+    calls = _spy(monkeypatch)
+    teacher, model = _setup()
+    devit_ext.train_dekd(model, teacher, tiny.train, epochs=1, batch_size=4, lr=0.004, label_smoothing=0.2,
+                         warmup_epochs=0.0, clip=0.0, device="cpu", progress=False)
+    assert [c["kw"]["label_smoothing"] for c in calls] == [0.2, 0.2]
+    assert calls[0]["stepper"].clip == 0.0 and calls[0]["kw"]["rweights"] == [0.2, 0.1, 0.3]  # the paper's
+    assert calls[0]["args"][4] == [[(0, 0)], [(0, 0)]]  # "middle" of 2-block models: block 0
+    assert calls[1]["kw"]["freeze"] is False and calls[1]["kw"]["device_dropout"] == 0.0
+    steps = len(calls[1]["io"].plan)
+    assert calls[1]["lrs"] == [U.cosine_lr(k, steps, 0, 0.004) for k in range(steps)]
+    calls.clear()
+    _, model = _setup()
+    devit_ext.train_dekd(model, teacher, tiny.train, epochs=1, batch_size=4, lr=0.004, recipe="deit",
+                         accum_steps=2, ema_decay=0.5, stages=("ensemble",), device="cpu", progress=False)
+    (c,) = calls
+    assert c["kw"]["label_smoothing"] == 0.0  # Mixup puts the smoothing in its soft targets
+    mix = c["kw"]["mixup"]
+    assert (mix.mixup_alpha, mix.cutmix_alpha, mix.label_smoothing, mix.num_classes) == (0.8, 1.0, 0.1, 6)
+    assert all(len(b) % 2 == 0 for b in c["io"].plan.batches)  # Mixup pairs
+    st = c["stepper"]
+    assert st.accum == 2 and st.ema is not None and st.ema_source is model
+    micro = math.ceil(len(tiny.train.labels) / 4)
+    steps = math.ceil(micro / 2)
+    base = 0.004 * 4 * 2 / 512  # lr per 512 images of global batch x accumulation
+    warm = min(steps, steps - 1)
+    assert c["lrs"] == pytest.approx([U.cosine_lr(k, steps, warm, base) for k in range(steps)], rel=1e-12)
+
+
+def test_distill_mixup_is_per_group_with_its_own_classes(tiny, monkeypatch):
+    calls = _spy(monkeypatch)
+    teacher, model = _setup()
+    devit_ext.train_dekd(model, teacher, tiny.train, epochs=1, batch_size=8, mixup=0.5, stages=("distill",),
+                         device="cpu", progress=False)
+    (c,) = calls
+    mixups = c["kw"]["mixups"]
+    assert [m.num_classes for m in mixups] == [len(g) for g in model.class_groups]
+    assert all(m.mixup_alpha == 0.5 and m.cutmix_alpha == 0.0 for m in mixups)
+    assert all(s % 2 == 0 for sizes in c["io"].plan.sizes for s in sizes)
