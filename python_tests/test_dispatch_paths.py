@@ -1,6 +1,5 @@
 """Which path each op takes, and how build_info() says so, for every combination of what is installed
-(native module with or without CUDA kernels, triton, onnxruntime), faked in-process; and the reference
-aggregator head against a loop computed by hand."""
+(native module with or without CUDA kernels, triton, onnxruntime), faked in-process."""
 from __future__ import annotations
 
 import sys
@@ -11,7 +10,6 @@ import torch
 from devit_ext import _build
 from devit_ext.kernels import _launch
 from devit_ext.ops import dispatch as P
-from devit_ext.ops import reference as R
 
 CPU, CUDA, META = torch.device("cpu"), torch.device("cuda"), torch.device("meta")
 
@@ -161,30 +159,3 @@ def test_build_info_says_what_is_missing(installed, monkeypatch):
     info = P.build_info()
     assert info["quant_cpu"] == "cpp" and info["quant_cuda"] == "reference (CUDA kernels not compiled)"
     assert info["cuda_compiler"] is None and info["cxx_compiler"] is None and info["cuda_compiled"] is False
-
-
-def test_reference_ensemble_fusion_is_the_dequantised_side_by_side_tokens_through_two_linears():
-    g = torch.Generator().manual_seed(0)
-    widths, B, hidden, C = [3, 1, 4], 5, 6, 7
-    q = torch.randint(-127, 128, (B, sum(widths)), generator=g, dtype=torch.int8)
-    scales = torch.rand(B, len(widths), generator=g) * 0.1
-    mw, mb = torch.randn(hidden, sum(widths), generator=g), torch.randn(hidden, generator=g)
-    cw, cb = torch.randn(C, hidden, generator=g), torch.randn(C, generator=g)
-    want = torch.zeros(B, C, dtype=torch.float64)
-    want_nb = torch.zeros(B, C, dtype=torch.float64)
-    for b in range(B):
-        x, off = [], 0
-        for m, w in enumerate(widths):
-            x += [float(q[b, off + j]) * float(scales[b, m]) for j in range(w)]
-            off += w
-        h = [sum(float(mw[i, j]) * x[j] for j in range(len(x))) for i in range(hidden)]
-        for c in range(C):
-            z = sum(float(cw[c, i]) * h[i] for i in range(hidden))
-            want_nb[b, c] = z
-            want[b, c] = z + float(cb[c]) + sum(float(cw[c, i]) * float(mb[i]) for i in range(hidden))
-    out = R.ensemble_fusion(q, scales, widths, mw.double(), mb.half().float(), cw.bfloat16().float(), cb)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(R.ensemble_fusion(q, scales, widths, mw, mb, cw, cb).double(), want,
-                               rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(R.ensemble_fusion(q, scales.double(), tuple(widths), mw.double(), None,
-                                                 cw.double(), None).double(), want_nb, rtol=1e-5, atol=1e-4)

@@ -36,15 +36,16 @@ SUPPORT = ["python_tests/conftest.py", "python_tests/_agreement.py"]
 GROUPS = {
     "wire": (["devit_ext/wire.py"], [],
              ["python_tests/test_wire_layout.py", "python_tests/test_wire_errors.py"], []),
+    # ops reference and dispatch (the modules issue 18 names); checks.py (argument checking) is not scored.
     # torch.compile cannot trace mutmut's trampolines (the clean run fails): the compile tests are left out
-    # ops reference and dispatch (the modules issue 18 names); checks.py (argument checking) is not scored
     "ops": (["devit_ext/ops/reference.py", "devit_ext/ops/dispatch.py"], [],
             ["python_tests/test_quant_ops.py", "python_tests/test_rounding_ties.py",
-             "python_tests/test_attention_oracle.py"],
+             "python_tests/test_attention_oracle.py", "python_tests/test_reference_ops.py",
+             "python_tests/test_dispatch_paths.py"],
             ["-k", "not compile"]),
     "ops_quant": (["devit_ext/ops/quant.py"], [],
                   ["python_tests/test_quant_ops.py", "python_tests/test_rounding_ties.py",
-                   "python_tests/test_attention_oracle.py"],
+                   "python_tests/test_attention_oracle.py", "python_tests/test_reference_ops.py"],
                   ["-k", "not compile"]),
     "dekd": (["devit_ext/dekd/losses.py", "devit_ext/dekd/steps.py", "devit_ext/protocol.py"],
              ["devit_ext.dekd.*", "devit_ext.protocol.x_fused_forward*", "devit_ext.protocol.x_int8_roundtrip*",
@@ -64,7 +65,26 @@ GROUPS = {
     "stacked": (["devit_ext/engines/stacked.py"], ["devit_ext.engines.stacked.x_fold_submodel*",
                                                    "devit_ext.engines.stacked.x_shape_signature*"],
                 ["python_tests/test_collaborate_local.py"], ["-k", "fp32_transfer_exact or int8_transfer_agrees"]),
+    # the trainers' pure parts: seeding, shifts, lr schedule, AdamW groups, argument checks, epoch plans,
+    # the optimizer step, recipes, DEKD's settings, the epoch record (not resolve_device / autocast: CUDA only)
+    "trainer": (["devit_ext/training/common.py", "devit_ext/training/sampling.py", "devit_ext/training/stepper.py",
+                 "devit_ext/training/recipe.py", "devit_ext/dekd/config.py", "devit_ext/dekd/stages.py"],
+                [f"devit_ext.training.common.x_{f}*" for f in ("generator", "seed_everything", "random_shift",
+                                                              "cosine_lr", "param_groups", "real", "count")]
+                + ["devit_ext.training.sampling.*", "devit_ext.training.stepper.*", "devit_ext.training.recipe.*",
+                   "devit_ext.dekd.config.*", "devit_ext.dekd.stages.x_epoch_record*"],
+                ["python_tests/test_training_schedule.py", "python_tests/test_training_setup.py",
+                 "python_tests/test_trainer_wiring.py", "python_tests/test_training_args.py",
+                 "python_tests/test_method_training.py"], []),
+    # what train_dekd hands each epoch (the epochs replaced by spies in test_trainer_wiring)
+    "trainer_loop": (["devit_ext/dekd/trainer.py"], ["devit_ext.dekd.trainer.x__train*"],
+                     ["python_tests/test_trainer_wiring.py", "python_tests/test_training_args.py",
+                      "python_tests/test_method_training.py"], []),
 }
+# groups whose tests run OpenMP with several threads (test_threads_agree): a worker forked from mutmut's main
+# process, which already ran them, deadlocks in libgomp (every such mutant timed out); mutmut's fork server
+# forks the workers from a process that has only collected the tests
+FORKSERVER = {"ops", "ops_quant"}
 
 
 def scratch_copy(dst: str, tests: list[str]) -> None:
@@ -87,7 +107,7 @@ def scratch_copy(dst: str, tests: list[str]) -> None:
     shutil.copytree(os.path.join(dst, "kernels"), os.path.join(dst, "devit_ext", "kernels"))
 
 
-def write_config(dst: str, files: list[str], tests: list[str], extra: list[str]) -> None:
+def write_config(dst: str, files: list[str], tests: list[str], extra: list[str], forkserver: bool = False) -> None:
     def block(vals):
         return "".join(f"\n    {v}" for v in vals)
 
@@ -97,6 +117,8 @@ def write_config(dst: str, files: list[str], tests: list[str], extra: list[str])
         f.write(f"also_copy ={block(['python_tests'])}\n")
         f.write(f"pytest_add_cli_args_test_selection ={block(tests)}\n")
         f.write(f"pytest_add_cli_args ={block(['-p', 'no:cacheprovider', '-m', 'not slow', *extra])}\n")
+        if forkserver:
+            f.write("process_isolation = forkserver\n")
 
 
 def mutmut(dst: str, *args: str, check=True) -> str:
@@ -111,7 +133,7 @@ def run_group(name: str, children: int) -> dict:
     files, globs, tests, extra = GROUPS[name]
     dst = tempfile.mkdtemp(prefix=f"devit_mutation_{name}_")
     scratch_copy(dst, tests)
-    write_config(dst, files, tests, extra)
+    write_config(dst, files, tests, extra, forkserver=name in FORKSERVER)
     print(f"[{name}] scratch copy {dst}", flush=True)
     mutmut(dst, "run", "--max-children", str(children), *globs)
     results = mutmut(dst, "results", "--all", "true", check=False)
