@@ -75,11 +75,13 @@ GROUPS = {
                    "devit_ext.dekd.config.*", "devit_ext.dekd.stages.x_epoch_record*"],
                 ["python_tests/test_training_schedule.py", "python_tests/test_training_setup.py",
                  "python_tests/test_trainer_wiring.py", "python_tests/test_training_args.py",
-                 "python_tests/test_method_training.py"], []),
+                 "python_tests/test_method_training.py", "python_tests/test_training_recipe.py",
+                 "python_tests/test_dekd.py"], []),
     # what train_dekd hands each epoch (the epochs replaced by spies in test_trainer_wiring)
     "trainer_loop": (["devit_ext/dekd/trainer.py"], ["devit_ext.dekd.trainer.x__train*"],
                      ["python_tests/test_trainer_wiring.py", "python_tests/test_training_args.py",
-                      "python_tests/test_method_training.py"], []),
+                      "python_tests/test_method_training.py", "python_tests/test_training_recipe.py",
+                      "python_tests/test_dekd.py"], []),
 }
 # groups whose tests run OpenMP with several threads (test_threads_agree): a worker forked from mutmut's main
 # process, which already ran them, deadlocks in libgomp (every such mutant timed out); mutmut's fork server
