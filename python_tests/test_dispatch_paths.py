@@ -159,3 +159,41 @@ def test_build_info_says_what_is_missing(installed, monkeypatch):
     info = P.build_info()
     assert info["quant_cpu"] == "cpp" and info["quant_cuda"] == "reference (CUDA kernels not compiled)"
     assert info["cuda_compiler"] is None and info["cxx_compiler"] is None and info["cuda_compiled"] is False
+
+
+def test_eager_ok_only_for_plain_tensors_outside_every_mode_and_transform():
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x = torch.randn(2, 3)
+    assert P.eager_ok(x, None, x) and P.eager_ok()
+    assert not P.eager_ok(x, x.clone().requires_grad_(True))
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not P.eager_ok(x.as_subclass(Sub))
+
+    class FunctionMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class DispatchMode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with FunctionMode():  # each mode alone is enough
+        assert not P.eager_ok(x)
+    with DispatchMode():
+        assert not P.eager_ok(x)
+    with torch.autograd.profiler.profile():
+        assert not P.eager_ok(x)
+    seen = []
+
+    def f(t):
+        seen.append(P.eager_ok(t))
+        return t
+
+    torch.func.vmap(f)(torch.randn(2, 3))
+    assert seen == [False]  # a functorch transform
+    assert P.eager_ok(x)  # and back outside
