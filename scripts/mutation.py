@@ -5,6 +5,7 @@
     python scripts/mutation.py wire              # one group
     python scripts/mutation.py wire dekd ops     # several, one after the other
     python scripts/mutation.py --list            # the groups, their code and their tests
+    python scripts/mutation.py --rerun /tmp/devit_mutation_wire_XXXX   # its survivors again, with today's tests
 
 Each group names the source files to mutate (optionally only some functions,
 by mutmut's mutant-name globs) and the test files that pin them; only those
@@ -136,8 +137,38 @@ def run_group(name: str, children: int) -> dict:
     dst = tempfile.mkdtemp(prefix=f"devit_mutation_{name}_")
     scratch_copy(dst, tests)
     write_config(dst, files, tests, extra, forkserver=name in FORKSERVER)
+    with open(os.path.join(dst, "mutation_group"), "w") as f:
+        f.write(name)
     print(f"[{name}] scratch copy {dst}", flush=True)
     mutmut(dst, "run", "--max-children", str(children), *globs)
+    return summarize(name, dst)
+
+
+def rerun_group(dst: str, children: int) -> dict:
+    """Re-run the not-killed mutants of an earlier run in its scratch copy `dst`, with the group's test
+    files as they are now in the working tree (mutmut collects coverage for the tests that are new)."""
+    base = os.path.basename(os.path.normpath(dst))
+    names = sorted((g for g in GROUPS if base.startswith(f"devit_mutation_{g}_")), key=len)  # ops < ops_quant
+    if os.path.isfile(os.path.join(dst, "mutation_group")):
+        with open(os.path.join(dst, "mutation_group")) as f:
+            names = [f.read().strip()]
+    if not names or names[-1] not in GROUPS or not os.path.isfile(os.path.join(dst, "setup.cfg")):
+        raise SystemExit(f"mutation: --rerun expects a scratch copy made by this script, got {dst!r}")
+    name = names[-1]
+    tests = GROUPS[name][2]
+    for rel in tests + SUPPORT:
+        if os.path.isfile(os.path.join(ROOT, rel)):
+            shutil.copy2(os.path.join(ROOT, rel), os.path.join(dst, rel))
+    before = summarize(name, dst, write=False)
+    todo = [k for k, st in before["status"].items() if st != "killed"]
+    print(f"[{name}] re-running {len(todo)} not-killed mutants in {dst}", flush=True)
+    if todo:
+        mutmut(dst, "run", "--max-children", str(children), *todo)
+    return summarize(name, dst)
+
+
+def summarize(name: str, dst: str, write: bool = True) -> dict:
+    globs = GROUPS[name][1]
     results = mutmut(dst, "results", "--all", "true", check=False)
     status: dict[str, str] = {}
     for line in results.splitlines():
@@ -148,6 +179,8 @@ def run_group(name: str, children: int) -> dict:
     for s in status.values():
         counts[s] = counts.get(s, 0) + 1
     survivors = sorted(k for k, s in status.items() if s == "survived")
+    if not write:
+        return {"group": name, "counts": counts, "survivors": survivors, "dir": dst, "status": status}
     with open(os.path.join(dst, "survivors.md"), "w") as f:
         for k in survivors:
             diff = [ln for ln in mutmut(dst, "show", k, check=False).splitlines() if ln.startswith(("-", "+"))
@@ -157,7 +190,7 @@ def run_group(name: str, children: int) -> dict:
     total = sum(counts.values())
     print(f"[{name}] {total} mutants: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
           + (f"; killed {killed / total:.1%}" if total else "") + f"; survivors in {dst}/survivors.md", flush=True)
-    return {"group": name, "counts": counts, "survivors": survivors, "dir": dst}
+    return {"group": name, "counts": counts, "survivors": survivors, "dir": dst, "status": status}
 
 
 def main() -> int:
@@ -165,6 +198,8 @@ def main() -> int:
     ap.add_argument("groups", nargs="*", help=f"groups to run: {', '.join(GROUPS)} (default: all)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--max-children", type=int, default=2, help="parallel mutant runs (default 2)")
+    ap.add_argument("--rerun", metavar="SCRATCH", help="re-run the not-killed mutants of an earlier run (its scratch "
+                    "copy, as printed) with the group's tests as they are now")
     args = ap.parse_args()
     if args.list:
         for k, (files, globs, tests, _) in GROUPS.items():
@@ -174,6 +209,11 @@ def main() -> int:
         import mutmut as _m  # noqa: F401
     except ImportError:
         raise SystemExit(f"mutation: needs mutmut: pip install 'mutmut=={MUTMUT_VERSION}' (or pip install -e .[mutation])")
+    if args.rerun:
+        if args.groups:
+            raise SystemExit("mutation: --rerun takes the scratch copy only (its group is in its name)")
+        rerun_group(args.rerun, args.max_children)
+        return 0
     unknown = [g for g in args.groups if g not in GROUPS]
     if unknown:
         raise SystemExit(f"mutation: unknown group(s) {unknown}; groups are {list(GROUPS)}")
