@@ -55,17 +55,22 @@ def _offset_of(img, padded, s):
 
 
 def test_random_shift_is_a_replicate_padded_crop_with_offsets_drawn_from_the_generator():
-    B, C, H, W, s = 40, 2, 5, 6, 2
+    B, C, H, W = 40, 2, 5, 6
     x = torch.arange(B * C * H * W, dtype=torch.float32).reshape(B, C, H, W)  # every pixel distinct
     assert U.random_shift(x, 0, torch.Generator()) is x
     assert U.random_shift(x, -1, torch.Generator()) is x
-    out = U.random_shift(x, s, torch.Generator().manual_seed(0))
-    assert out.shape == x.shape and out.is_contiguous()
-    padded = F.pad(x, (s, s, s, s), mode="replicate")
-    offs = [_offset_of(out[b], padded[b], s) for b in range(B)]
-    want = torch.randint(0, 2 * s + 1, (2, B), generator=torch.Generator().manual_seed(0))
-    assert offs == list(zip(want[0].tolist(), want[1].tolist()))  # rows from draw 0, columns from draw 1
-    assert {o[0] for o in offs} == set(range(2 * s + 1)) and {o[1] for o in offs} == set(range(2 * s + 1))
+    for s in (1, 2):
+        g = torch.Generator().manual_seed(123)  # not the global seed conftest sets: the draw must be g's
+        out = U.random_shift(x, s, g)
+        assert out.shape == x.shape and out.is_contiguous()
+        padded = F.pad(x, (s, s, s, s), mode="replicate")
+        offs = [_offset_of(out[b], padded[b], s) for b in range(B)]
+        ref = torch.Generator().manual_seed(123)
+        want = torch.randint(0, 2 * s + 1, (2, B), generator=ref)
+        assert offs == list(zip(want[0].tolist(), want[1].tolist()))  # rows from draw 0, columns from draw 1
+        assert {o[0] for o in offs} == set(range(2 * s + 1)) and {o[1] for o in offs} == set(range(2 * s + 1))
+        # it takes exactly 2 x B draws from g: what the epoch draws next (device dropout) replays
+        assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=ref))
 
 
 # -- lr schedule -------------------------------------------------------------------------------------------
@@ -80,6 +85,7 @@ def test_cosine_lr_warms_up_linearly_then_decays_to_one_percent():
     assert U.cosine_lr(10, 10, 2, 1.0) == pytest.approx(0.01)
     assert U.cosine_lr(50, 10, 2, 1.0) == pytest.approx(0.01)  # past the end it stays at the floor
     assert U.cosine_lr(0, 10, 0, 3.0) == 3.0  # no warm-up
+    assert U.cosine_lr(0, 10, 1, 3.0) == 3.0 and U.cosine_lr(1, 10, 1, 3.0) == 3.0  # one warm-up step
     assert U.cosine_lr(5, 10, 0, 1.0, min_ratio=0.5) == pytest.approx(0.75)
     assert U.cosine_lr(3, 3, 3, 1.0) == 1.0  # total == warmup: t = 0, not a division by zero
     assert U.cosine_lr(4, 3, 3, 1.0) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi)))

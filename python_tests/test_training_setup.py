@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -77,9 +78,30 @@ def test_stepper_clips_each_clip_group_to_its_own_norm():
 def test_stepper_stops_on_a_non_finite_loss_before_any_gradient(bad):
     (w,), opt = _sgd([1.0])
     st = Stepper(opt, ctx=Context(), lr_at=None, clip=0, clip_groups=[[w]])
-    with pytest.raises(FloatingPointError, match=r"^stage x batch 3: the loss is (nan|inf|-inf); training stopped"):
+    with pytest.raises(FloatingPointError) as e:
         st.backward(w.sum() * bad, where="stage x batch 3")
+    assert str(e.value) == (f"stage x batch 3: the loss is {bad}; training stopped before this update (the last "
+                            "checkpoint, from the end of the previous epoch, is kept). Lower the lr, check the "
+                            "data, or use clip")
     assert w.grad is None and w.item() == 1.0 and st.step == 0
+    with pytest.raises(FloatingPointError, match=f"^: the loss is {bad};"):  # no `where`: nothing before it
+        st.backward(w.sum() * bad)
+
+
+def test_stepper_averages_every_optimizer_parameter_over_the_processes_each_step():
+    class Ctx:  # a 2-process context that records what it is asked to average
+        def __init__(self):
+            self.seen = []
+
+        def average_grads(self, params):
+            self.seen.append([id(p) for p in params])
+
+    (a, b), opt = _sgd([1.0], [2.0])
+    ctx = Ctx()
+    st = Stepper(opt, ctx=ctx, lr_at=None, clip=0, clip_groups=[], accum_steps=2)
+    steps = [st.backward((a + b).sum()) for _ in range(4)]
+    assert steps == [False, True, False, True]  # the accumulation restarts after each step
+    assert ctx.seen == [[id(a), id(b)]] * 2
 
 
 # -- recipes -------------------------------------------------------------------------------------------------
@@ -122,6 +144,9 @@ def test_mixup_ema_and_label_loss_carry_the_recipe():
     want = float((-smooth * z.log_softmax(-1)).sum(-1).mean())
     assert float(R.label_loss(z, y, 0.3)) == pytest.approx(want, rel=1e-6)
     assert float(R.label_loss(z, y)) == pytest.approx(float(F.cross_entropy(z, y)), rel=1e-6)  # default: none
+    soft = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])  # Mixup's targets carry their own smoothing
+    want = float((-soft * z.log_softmax(-1)).sum(-1).mean())
+    assert float(R.label_loss(z, soft, 0.3)) == pytest.approx(want, rel=1e-6)
 
 
 # -- DEKD settings ---------------------------------------------------------------------------------------
@@ -165,6 +190,7 @@ def test_relation_pairs_middle_none_and_explicit_with_negative_indices(pair):
                             "and the teacher (4 blocks)")
     with pytest.raises(ValueError, match=r"relation_layers: pair \(0, 4\) out of range"):
         K.relation_pairs([(0, 4)], model, teacher)
+    assert K.relation_pairs([(0, 0)], model, teacher) == [[(0, 0)], [(0, 0)]]  # block 0 of both is valid
     for bad in ("first", [(0,)], [("a", 1)]):
         with pytest.raises(ValueError, match="relation_layers: expected 'middle', None or a list"):
             K.relation_pairs(bad, model, teacher)
@@ -213,29 +239,38 @@ def test_check_setup_returns_the_teacher_config_and_the_stages(pair):
             K.check_setup(model, teacher, args["stages"], args["subtask_teachers"], args["device_dropout"],
                           args["alpha"], args["relation_weights"])
         assert str(e.value).startswith(msg), (kw, str(e.value))
-    with pytest.raises(TypeError, match="model: expected a devit_ext.DeViT"):
+    with pytest.raises(TypeError) as e:
         K.check_setup(teacher, teacher, ("distill",), "restricted", 0.0, 0.5, (0.2, 0.1, 0.3))
+    assert str(e.value) == "model: expected a devit_ext.DeViT (from devit_ext.decompose), got VisionTransformer"
 
 
 def test_check_setup_refuses_a_teacher_the_model_was_not_decomposed_from(pair):
     teacher, model = pair
     ok = ("distill",), "restricted", 0.0, 0.5, (0.2, 0.1, 0.3)
     kw = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, seed=0)
-    for other, msg in [(build_teacher(img_size=16, in_chans=1, num_classes=5, **kw),
-                        "teacher: has 5 classes but model has 6"),
-                       (build_teacher(img_size=8, in_chans=1, num_classes=6, **kw),
-                        "teacher: takes 1x8x8 images but the model takes 1x16x16"),
-                       (build_teacher(img_size=16, in_chans=3, num_classes=6, **kw),
-                        "teacher: takes 3x16x16 images but the model takes 1x16x16")]:
+    wide = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(16, 8), in_chans=1, num_classes=6,
+                             **{k: v for k, v in kw.items() if k != "seed"})
+    for m, other, msg in [
+        (model, build_teacher(img_size=16, in_chans=1, num_classes=5, **kw),
+         "teacher: has 5 classes but model has 6; decompose this teacher, or pass the teacher the model was "
+         "decomposed from"),
+        (model, wide, "teacher: takes 1x16x8 images but the model takes 1x16x16"),
+        (devit_ext.decompose(wide, 2, seed=0), teacher, "teacher: takes 1x16x16 images but the model takes 1x16x8"),
+        (model, build_teacher(img_size=16, in_chans=3, num_classes=6, **kw),
+         "teacher: takes 3x16x16 images but the model takes 1x16x16"),
+        (model, build_teacher(img_size=16, in_chans=1, num_classes=6, distilled=True, **kw),
+         "teacher: distilled=True but model.distilled=False; a DeiT-distilled teacher needs a model decomposed "
+         "from it (two tokens per device)")]:
         with pytest.raises(ValueError) as e:
-            K.check_setup(model, other, *ok)
-        assert str(e.value).startswith(msg), str(e.value)
+            K.check_setup(m, other, *ok)
+        assert str(e.value) == msg
     groups = model.class_groups
     try:
         for bad in ([[0, 1, 2], [3, 4, 4]], [[0, 1, 2, 3, 4, 5], []]):
             model.class_groups = bad
-            with pytest.raises(ValueError, match="model: class_groups must be non-empty, disjoint"):
+            with pytest.raises(ValueError) as e:
                 K.check_setup(model, teacher, *ok)
+            assert str(e.value) == "model: class_groups must be non-empty, disjoint and cover 0..num_classes-1"
     finally:
         model.class_groups = groups
 
