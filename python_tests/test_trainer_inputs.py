@@ -91,3 +91,21 @@ def test_each_epoch_prints_one_line_of_its_means_only_when_asked(tiny, monkeypat
     assert lines == [f"DEKD distill epoch 1/2: {means('distill')}", f"DEKD distill epoch 2/2: {means('distill')}",
                      f"DEKD ensemble epoch 1/1: {means('ensemble')}"]
     assert all(ln.endswith(" s)") for ln in out if ln.startswith("DEKD "))
+
+
+def test_a_device_without_images_is_refused_for_distill_only(tiny, monkeypatch):
+    teacher, model = _setup()
+    x, y = tiny.train.images, tiny.train.labels
+    g0, g1 = model.class_groups
+    keep = torch.tensor([int(v) in g0 for v in y]) | (y == g1[0])  # device 1 keeps a single image
+    keep[torch.nonzero(y == g1[0])[1:]] = False
+    one = (x[keep], y[keep])
+    _run(monkeypatch, one, stages=("distill",))  # one image is enough
+    none = (x[torch.tensor([int(v) in g0 for v in y])], y[torch.tensor([int(v) in g0 for v in y])])
+    with pytest.raises(ValueError) as e:
+        _run(monkeypatch, none)
+    assert str(e.value) == f"train_data: has no images of device 1's classes {g1}; stage 'distill' needs some"
+    calls, hist = _run(monkeypatch, none, stages=("ensemble",))  # the ensemble stage reads every image
+    assert [c["stage"] for c in calls] == ["ensemble"] and hist["settings"]["num_train"] == len(none[1])
+    calls, hist = _run(monkeypatch, _Items(x, y), loader_opts={"num_workers": 0}, stages=("ensemble",))
+    assert hist["settings"]["data"] == "dataset"

@@ -76,7 +76,7 @@ def test_each_epoch_gets_the_settings_tables_plan_and_schedule(tiny, monkeypatch
     for epoch, c in enumerate(calls[:2]):
         teacher_arg, subteachers, groups_arg, lut, pairs, stepper = c["args"]
         assert teacher_arg is teacher and subteachers is None and groups_arg == groups
-        assert lut.tolist() == [next(g.index(k) for g in groups if k in g) for k in range(6)]
+        assert lut.dtype == torch.long and lut.tolist() == [next(g.index(k) for g in groups if k in g) for k in range(6)]
         assert pairs == [[(0, 1)], [(0, 1)]]
         assert c["kw"] == dict(alpha=0.3, kind="soft", temperature=2.0, label_smoothing=0.0,
                                rweights=[0.4, 0.5, 0.6], shift=1, mixups=None)
@@ -122,14 +122,16 @@ def test_each_epoch_gets_the_settings_tables_plan_and_schedule(tiny, monkeypatch
                 k: v / s["seen"] for k, v in s.items() if k not in ("correct", "seen")}
             assert rec["train_acc"] == s["correct"] / s["seen"]
     assert len(hist["distill"]) == 2 and len(hist["ensemble"]) == 1 and hist["best"] == {}
-    st = hist["settings"]
-    assert (st["epochs"], st["lr"], st["batch_size"], st["weight_decay"]) == (
-        {"distill": 2, "ensemble": 1}, {"distill": 0.01, "ensemble": 0.02}, 8, 0.07)
-    assert (st["relation_pairs"], st["relation_weights"], st["alpha"], st["temperature"], st["token_weight"]) == (
-        [[[0, 1]], [[0, 1]]], [0.4, 0.5, 0.6], 0.3, 2.0, 0.7)
-    assert (st["num_train"], st["num_val"], st["world_size"], st["seed"], st["shift"]) == (n, 0, 1, 5, 1)
-    assert (st["quant_aware"], st["freeze_backbones"], st["device_dropout"], st["distill_kind"]) == (
-        False, True, 0.25, "soft")
+    assert hist["settings"] == {
+        "stages": ["distill", "ensemble"], "epochs": {"distill": 2, "ensemble": 1},
+        "lr": {"distill": 0.01, "ensemble": 0.02}, "batch_size": 8, "weight_decay": 0.07, "warmup_epochs": 1.0,
+        "clip": 0.5, "quant_aware": False, "freeze_backbones": True, "subtask_teachers": "restricted",
+        "finetune_epochs": 2, "finetune_lr": 5e-4, "device_dropout": 0.25, "alpha": 0.3, "distill_kind": "soft",
+        "temperature": 2.0, "relation_weights": [0.4, 0.5, 0.6], "relation_pairs": [[[0, 1]], [[0, 1]]],
+        "token_weight": 0.7, "shift": 1, "seed": 5, "num_train": n, "num_val": 0, "class_groups": groups,
+        "widths": model.widths, "recipe": dict(name="light", mixup=0.0, cutmix=0.0, label_smoothing=0.0,
+                                               ema_decay=0.0, accum_steps=1, lr_per_512=False),
+        "world_size": 1, "data": "tensors"}
     assert all(p.requires_grad for p in model.parameters()) and not model.training
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
 
@@ -145,11 +147,18 @@ def test_label_smoothing_mixup_accumulation_and_the_deit_lr_rule_reach_the_epoch
     assert calls[1]["kw"]["freeze"] is False and calls[1]["kw"]["device_dropout"] == 0.0
     steps = len(calls[1]["io"].plan)
     assert calls[1]["lrs"] == [U.cosine_lr(k, steps, 0, 0.004) for k in range(steps)]
+    assert calls[1]["args"] == (teacher, calls[1]["stepper"])
     calls.clear()
     _, model = _setup()
-    devit_ext.train_dekd(model, teacher, tiny.train, epochs=1, batch_size=4, lr=0.004, recipe="deit",
-                         accum_steps=2, ema_decay=0.5, stages=("ensemble",), device="cpu", progress=False)
+    hist = devit_ext.train_dekd(model, teacher, tiny.train, tiny.val, epochs=1, batch_size=4, lr=0.004,
+                                recipe="deit", accum_steps=2, ema_decay=0.5, stages=("ensemble",), device="cpu",
+                                progress=False)
     (c,) = calls
+    st = hist["settings"]
+    assert (st["num_val"], st["quant_aware"], st["stages"]) == (len(tiny.val.labels), True, ["ensemble"])
+    (rec,) = hist["ensemble"]
+    best = max(rec["val_acc"], rec["ema_val_acc"])  # the model or its EMA, whichever validates better
+    assert hist["best"] == {"ensemble": {"epoch": 1, "val_acc": best, "ema": rec["ema_val_acc"] > rec["val_acc"]}}
     assert c["kw"]["label_smoothing"] == 0.0  # Mixup puts the smoothing in its soft targets
     mix = c["kw"]["mixup"]
     assert (mix.mixup_alpha, mix.cutmix_alpha, mix.label_smoothing, mix.num_classes) == (0.8, 1.0, 0.1, 6)
