@@ -286,3 +286,55 @@ def test_a_device_without_images_is_refused_for_distill_only(tiny, monkeypatch):
     assert [c["stage"] for c in calls] == ["ensemble"] and hist["settings"]["num_train"] == len(none[1])
     calls, hist = _run(monkeypatch, _Items(x, y), loader_opts={"num_workers": 0}, stages=("ensemble",))
     assert hist["settings"]["data"] == "dataset"
+
+
+def test_finetuned_subtask_teachers_are_made_once_and_handed_to_stage_distill(tiny, monkeypatch, tmp_path):
+    calls = _spy(monkeypatch)
+    made = []
+
+    def fake(ctx, teacher, groups, train, ckdir, **kw):
+        made.append(dict(teacher=teacher, groups=groups, n=len(train), ckdir=ckdir, kw=kw))
+        return ["sub0", "sub1"]
+
+    monkeypatch.setattr(T, "get_subteachers", fake)
+    teacher, model = _setup()
+    devit_ext.train_dekd(model, teacher, tiny.train, subtask_teachers="finetune", finetune_epochs=3, finetune_lr=0.002,
+                         batch_size=8, shift=1, seed=4, epochs=1, out_dir=tmp_path, **KW)
+    (m,) = made
+    assert m["teacher"] is teacher and m["groups"] == model.class_groups and m["n"] == len(tiny.train.labels)
+    assert m["ckdir"] == os.path.join(tmp_path, ckpt.CKPT_DIR)
+    assert m["kw"] == dict(epochs=3, lr=0.002, batch_size=8, shift=1, seed=4, progress=False)
+    assert calls[0]["args"][1] == ["sub0", "sub1"]
+    _, model = _setup()
+    devit_ext.train_dekd(model, teacher, tiny.train, subtask_teachers="finetune", stages=("ensemble",), epochs=1, **KW)
+    assert len(made) == 1  # no distill stage: no sub-task teachers
+
+
+def test_resume_says_where_it_restarts_and_keeps_this_runs_settings(tiny, monkeypatch, tmp_path, capsys):
+    class Stop(Exception):
+        pass
+
+    def stop(stage, epoch, rec):
+        if (stage, epoch) == ("distill", 1):
+            raise Stop
+
+    teacher, model = _setup()
+    _spy(monkeypatch)
+    with pytest.raises(Stop):
+        devit_ext.train_dekd(model, teacher, tiny.train, epochs=2, out_dir=tmp_path, callback=stop, **KW)
+    capsys.readouterr()
+    calls = _spy(monkeypatch)
+    _, model = _setup()
+    x, y = tiny.train.images, tiny.train.labels
+    hist = devit_ext.train_dekd(model, teacher, _Items(x, y), epochs=2, out_dir=tmp_path, resume=True,
+                                loader_opts={"num_workers": 0}, device="cpu", progress=True)
+    ckdir = os.path.join(tmp_path, ckpt.CKPT_DIR)
+    assert f"DEKD: resumed from {ckdir} at stage 1, epoch 2" in capsys.readouterr().out.splitlines()
+    assert [(c["stage"], c["io"].label) for c in calls] == [
+        ("distill", "train_dekd: stage 'distill' epoch 2"), ("ensemble", "train_dekd: stage 'ensemble' epoch 1"),
+        ("ensemble", "train_dekd: stage 'ensemble' epoch 2")]
+    assert hist["settings"]["data"] == "dataset" and [r["epoch"] for r in hist["distill"]] == [1, 2]
+    _, model = _setup()
+    with pytest.raises(ValueError) as e:
+        devit_ext.train_dekd(model, teacher, tiny.train, epochs=3, out_dir=tmp_path, resume=True, **KW)
+    assert str(e.value) == f"resume: the checkpoint in {ckdir} was written with different settings (['epochs'])"
