@@ -15,25 +15,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import devit_ext
 import devit_ext.dekd.trainer as T
 from devit_ext import checkpoint as ckpt
-from devit_ext import data as D
-from devit_ext.teacher import build_teacher
 from devit_ext.training import common as U
 from devit_ext.training import sampling as S
+from test_training_args import _setup, tiny  # noqa: F401 - the same tiny teacher, model and data; tiny is a fixture
 
 torch.set_num_threads(1)
 SUMS = {"distill": {"loss": 2.0, "ce": 1.0, "kd": 0.5, "rel": 0.25, "correct": 1.0, "seen": 4.0},
         "ensemble": {"loss": 3.0, "mse": 1.5, "ce": 0.75, "kd": 0.25, "correct": 2.0, "seen": 8.0}}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return D.synthetic(num_classes=6, per_class=8, img_size=16, channels=1, seed=0)
-
-
-def _setup():
-    t = build_teacher(img_size=16, patch_size=4, in_chans=1, num_classes=6, embed_dim=32, depth=2, num_heads=2,
-                      mlp_ratio=2.0, seed=0).eval()
-    return t, devit_ext.decompose(t, 2, seed=0)
 
 
 def _seed(seed, *salt):  # the documented (seed, salt...) hash, written out
