@@ -326,3 +326,26 @@ def test_resume_says_where_it_restarts_and_keeps_this_runs_settings(tiny, monkey
     with pytest.raises(ValueError) as e:
         devit_ext.train_dekd(model, teacher, tiny.train, epochs=3, out_dir=tmp_path, resume=True, **KW)
     assert str(e.value) == f"resume: the checkpoint in {ckdir} was written with different settings (['epochs'])"
+
+
+def test_the_best_validated_epoch_is_kept_and_restored_at_the_end(tiny, monkeypatch):
+    seen = []
+
+    def epoch(io, model, *args, **kw):  # sets the fused head so that validation predicts one class for all
+        k = len(seen)
+        with torch.no_grad():
+            head = model.fusion.head
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[(0, 0, 1)[k]] = (1e3, 2e3, 1e3)[k]  # epochs 1 and 2 validate the same, epoch 3 worse
+        seen.append(head.bias.detach().clone())
+        return dict(SUMS["ensemble"])
+
+    monkeypatch.setattr(T, "ensemble_epoch", epoch)
+    teacher, model = _setup()
+    x = tiny.train.images
+    val = (x[:8], torch.tensor([0] * 6 + [1] * 2))
+    hist = devit_ext.train_dekd(model, teacher, tiny.train, val, stages=("ensemble",), epochs=3, **KW)
+    assert [r["val_acc"] for r in hist["ensemble"]] == [0.75, 0.75, 0.25]
+    assert hist["best"] == {"ensemble": {"epoch": 1, "val_acc": 0.75, "ema": False}}  # the first of equals
+    assert torch.equal(model.fusion.head.bias, seen[0])  # epoch 1's weights are what the run returns
