@@ -37,7 +37,7 @@ def _spy(monkeypatch):
     def record(stage):
         def epoch(io, model, *args, **kw):
             st = args[-1]  # lr_at reads the trainer's loop variables: evaluate it now, during the epoch
-            calls.append(dict(stage=stage, io=io, model=model, args=args, kw=kw, stepper=st,
+            calls.append(dict(stage=stage, io=io, model=model, args=args, kw=kw, stepper=st, rand=torch.rand(2),
                               lrs=[st.lr_at(k) for k in range(-(-len(io.plan) // st.accum))],
                               trainable={n for n, p in model.named_parameters() if p.requires_grad}))
             return dict(SUMS[stage])
@@ -76,6 +76,8 @@ def test_each_epoch_gets_the_settings_tables_plan_and_schedule(tiny, monkeypatch
         assert c["trainable"] == names - fusion  # the fusion does not train in stage "distill"
         io = c["io"]
         assert io.seed == _seed(5, 1, epoch, 7, 0) and io.g.initial_seed() == _seed(5, 1, epoch)
+        # the global RNGs (transforms, Mixup) are seeded from (seed, stage, epoch, rank) at the epoch's start
+        assert torch.equal(c["rand"], torch.rand(2, generator=torch.Generator().manual_seed(_seed(5, 1, epoch, 0))))
         assert io.image_shape == (1, 16, 16) and io.dev == torch.device("cpu")
         assert io.label == f"train_dekd: stage 'distill' epoch {epoch + 1}"
         want = S.grouped(group_idx, 8, torch.Generator().manual_seed(_seed(5, 1, epoch)))
@@ -168,8 +170,8 @@ def test_label_smoothing_mixup_accumulation_and_the_deit_lr_rule_reach_the_epoch
 def test_distill_mixup_is_per_group_with_its_own_classes(tiny, monkeypatch):
     calls = _spy(monkeypatch)
     teacher, model = _setup()
-    devit_ext.train_dekd(model, teacher, tiny.train, epochs=1, batch_size=8, mixup=0.5, stages=("distill",),
-                         device="cpu", progress=False)
+    devit_ext.train_dekd(model, teacher, tiny.train, epochs=1, batch_size=3, mixup=0.5, stages=("distill",),
+                         device="cpu", progress=False)  # 3 per group and step: Mixup needs pairs, so 2
     (c,) = calls
     mixups = c["kw"]["mixups"]
     assert [m.num_classes for m in mixups] == [len(g) for g in model.class_groups]
@@ -349,3 +351,69 @@ def test_the_best_validated_epoch_is_kept_and_restored_at_the_end(tiny, monkeypa
     assert [r["val_acc"] for r in hist["ensemble"]] == [0.75, 0.75, 0.25]
     assert hist["best"] == {"ensemble": {"epoch": 1, "val_acc": 0.75, "ema": False}}  # the first of equals
     assert torch.equal(model.fusion.head.bias, seen[0])  # epoch 1's weights are what the run returns
+
+
+def test_schedule_length_with_a_partial_last_batch_and_warm_up_over_two_steps(tiny, monkeypatch):
+    n = len(tiny.train.labels)  # 24
+    calls, _ = _run(monkeypatch, tiny.train, stages=("ensemble",), batch_size=5, lr=1.0)
+    steps = -(-n // 5)  # 5 steps, the last one of 4 images
+    assert len(calls[0]["io"].plan) == steps and calls[0]["lrs"] == [U.cosine_lr(k, steps, steps - 1, 1.0)
+                                                                     for k in range(steps)]
+    calls, _ = _run(monkeypatch, tiny.train, stages=("ensemble",), batch_size=64, epochs=2, lr=1.0)
+    assert [c["lrs"] for c in calls] == [[1.0], [1.0]]  # 1 step per epoch, 1 of warm-up: the 2nd is the peak
+
+
+def test_a_process_of_two_reads_its_share_with_its_own_seeds(tiny, monkeypatch):
+    """Rank 1 of a 2-process run (the process group faked: metrics sums are this process's alone)."""
+    from devit_ext.training import dist
+
+    class Rank1(dist.Context):
+        def sum(self, values):
+            return dict(values)
+
+        def barrier(self):
+            pass
+
+    monkeypatch.setattr(dist, "setup", lambda device, timeout_s: Rank1(rank=1, world=2, local_world=2))
+    calls, hist = _run(monkeypatch, tiny.train, batch_size=4, seed=3, recipe="deit", lr=0.5)
+    labels = tiny.train.labels.tolist()
+    groups = hist["settings"]["class_groups"]
+    group_idx = [torch.tensor([j for j, y in enumerate(labels) if y in g]) for g in groups]
+    for si, c in enumerate(calls):
+        io = c["io"]
+        g = torch.Generator().manual_seed(_seed(3, si + 1, 0))
+        want = (S.grouped(group_idx, 8, g, rank=1, world=2, even=True) if si == 0
+                else S.shuffled(len(labels), 8, g, rank=1, world=2, even=True))  # global batch 2 x 4
+        assert [b.tolist() for b in io.plan.batches] == [b.tolist() for b in want.batches]
+        assert io.seed == _seed(3, si + 1, 0, 7, 1) and io.g.initial_seed() == _seed(3, si + 1, 0, 1)
+        assert torch.equal(c["rand"], torch.rand(2, generator=torch.Generator().manual_seed(_seed(3, si + 1, 0, 1))))
+        steps = len(want)
+        base = 0.5 * 8 / 512  # DeiT's rule on the global batch
+        assert c["lrs"] == pytest.approx([U.cosine_lr(k, steps, steps - 1, base) for k in range(steps)], rel=1e-12)
+    assert hist["settings"]["world_size"] == 2
+
+
+def test_resume_restores_the_weight_average(tiny, monkeypatch, tmp_path):
+    seen = []
+
+    def epoch(io, model, *args, **kw):
+        ema = args[-1].ema.module
+        seen.append(ema.fusion.head.bias.detach().clone())
+        with torch.no_grad():
+            ema.fusion.head.bias.add_(1.0)  # what an epoch of updates would do to the average
+        return dict(SUMS["ensemble"])
+
+    class Stop(Exception):
+        pass
+
+    def stop(stage, e, rec):
+        raise Stop
+
+    monkeypatch.setattr(T, "ensemble_epoch", epoch)
+    kw = dict(stages=("ensemble",), epochs=2, recipe="deit", ema_decay=0.5, out_dir=tmp_path, **KW)
+    teacher, model = _setup()
+    with pytest.raises(Stop):
+        devit_ext.train_dekd(model, teacher, tiny.train, callback=stop, **kw)
+    _, model = _setup()
+    devit_ext.train_dekd(model, teacher, tiny.train, resume=True, **kw)
+    assert torch.equal(seen[1], seen[0] + 1.0)  # epoch 2 starts from the average saved after epoch 1
