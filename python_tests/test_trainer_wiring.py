@@ -111,7 +111,9 @@ def test_each_epoch_gets_the_settings_tables_plan_and_schedule(tiny, monkeypatch
     for stage, recs in (("distill", hist["distill"]), ("ensemble", hist["ensemble"])):
         s = SUMS[stage]
         for e, rec in enumerate(recs):
-            assert rec["epoch"] == e + 1 and rec["mixup"] is False and rec["seconds"] >= 0
+            assert rec["epoch"] == e + 1 and rec["mixup"] is False
+            sec = rec["seconds"]
+            assert type(sec) is float and 0 <= sec < 600 and sec == round(sec, 3)  # wall time, in ms steps
             assert rec["lr"] == (0.01 if stage == "distill" else 0.02)  # the spies took no step
             assert {k: rec[k] for k in s if k not in ("correct", "seen")} == {
                 k: v / s["seen"] for k, v in s.items() if k not in ("correct", "seen")}
@@ -417,3 +419,66 @@ def test_resume_restores_the_weight_average(tiny, monkeypatch, tmp_path):
     _, model = _setup()
     devit_ext.train_dekd(model, teacher, tiny.train, resume=True, **kw)
     assert torch.equal(seen[1], seen[0] + 1.0)  # epoch 2 starts from the average saved after epoch 1
+
+
+def _head_predicts(module, cls):
+    """Set the fused head so that every image is given class `cls`."""
+    with torch.no_grad():
+        module.fusion.head.weight.zero_()
+        module.fusion.head.bias.zero_()
+        module.fusion.head.bias[cls] = 1e3
+
+
+def test_the_weight_average_wins_when_it_validates_better_and_is_what_the_run_returns(tiny, monkeypatch):
+    def epoch(io, model, *args, **kw):
+        _head_predicts(model, 1)  # 2 of 8 right
+        _head_predicts(args[-1].ema.module, 0)  # 6 of 8 right
+        return dict(SUMS["ensemble"])
+
+    monkeypatch.setattr(T, "ensemble_epoch", epoch)
+    teacher, model = _setup()
+    val = _Items(tiny.train.images[:8], torch.tensor([0] * 6 + [1] * 2))  # a Dataset: read with the loader's seed
+    hist = devit_ext.train_dekd(model, teacher, tiny.train, val, stages=("ensemble",), epochs=1, recipe="deit",
+                                loader_opts={"num_workers": 0}, **KW)
+    (rec,) = hist["ensemble"]
+    assert (rec["val_acc"], rec["ema_val_acc"]) == (0.25, 0.75)
+    assert hist["best"] == {"ensemble": {"epoch": 1, "val_acc": 0.75, "ema": True}}
+    assert int(model.fusion.head.bias.argmax()) == 0  # the average's weights
+
+
+def test_stage_distill_validates_each_device_on_its_own_classes(tiny, monkeypatch):
+    calls = _spy(monkeypatch)
+    teacher, model = _setup()
+    hist = devit_ext.train_dekd(model, teacher, tiny.train, tiny.val, stages=("distill",), epochs=1, recipe="deit",
+                                **KW)
+    (rec,) = hist["distill"]
+    assert len(rec["val_acc_local"]) == 2 and rec["val_acc"] == sum(rec["val_acc_local"]) / 2
+    assert rec["ema_val_acc"] == rec["val_acc"]  # nothing stepped: the average is the model, judged the same way
+    assert len(calls) == 1
+
+
+def test_a_finished_stage_is_checkpointed_as_done_and_a_resume_starts_the_next(tiny, monkeypatch, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop(stage, e, rec):
+        if (stage, e) == ("distill", 2):
+            raise Stop
+
+    teacher, model = _setup()
+    _spy(monkeypatch)
+    with pytest.raises(Stop):
+        devit_ext.train_dekd(model, teacher, tiny.train, epochs=2, out_dir=tmp_path, callback=stop, **KW)
+    state, _ = ckpt.load_checkpoint(os.path.join(tmp_path, ckpt.CKPT_DIR))
+    assert (state["version"], state["stage"], state["epoch"], state["best_val"]) == (2, 1, 0, None)
+    calls = _spy(monkeypatch)
+    _, model = _setup()
+    devit_ext.train_dekd(model, teacher, tiny.train, epochs=2, out_dir=tmp_path, resume=True, **KW)
+    assert [c["io"].label for c in calls] == ["train_dekd: stage 'ensemble' epoch 1", "train_dekd: stage 'ensemble' epoch 2"]
+
+
+def test_progress_bars_name_the_stage_and_epoch(tiny, monkeypatch, capsys):
+    _run(monkeypatch, tiny.train, epochs=(2, 1), progress=True)
+    err = capsys.readouterr().err
+    for desc in ("DEKD distill 1/2", "DEKD distill 2/2", "DEKD ensemble 1/1"):
+        assert f"{desc}:" in err and "%|" in err, err[-500:]  # with a total: a percentage
