@@ -482,3 +482,40 @@ def test_progress_bars_name_the_stage_and_epoch(tiny, monkeypatch, capsys):
     err = capsys.readouterr().err
     for desc in ("DEKD distill 1/2", "DEKD distill 2/2", "DEKD ensemble 1/1"):
         assert f"{desc}:" in err and "%|" in err, err[-500:]  # with a total: a percentage
+
+
+def test_history_file_callback_records_and_default_epochs(tiny, monkeypatch, tmp_path):
+    import json
+
+    got = []
+    calls = _spy(monkeypatch)
+    teacher, model = _setup()
+    hist = devit_ext.train_dekd(model, teacher, tiny.train, epochs=None, out_dir=tmp_path,
+                                callback=lambda *a: got.append(a), **KW)
+    assert hist["settings"]["epochs"] == {"distill": 10, "ensemble": 10} and len(calls) == 20
+    assert got == [(s, e + 1, hist[s][e]) for s in ("distill", "ensemble") for e in range(10)]
+    text = (tmp_path / "history.json").read_text()
+    assert json.loads(text) == json.loads(json.dumps(hist)) and text.startswith('{\n "distill": [\n  {')  # indent 1
+    assert sorted(os.listdir(tmp_path)) == [ckpt.CKPT_DIR, "history.json", "model"]  # no temporary left
+
+
+def test_rank_1_validates_its_own_share_of_the_validation_set(tiny, monkeypatch):
+    from devit_ext.training import dist
+
+    class Rank1(dist.Context):
+        def sum(self, values):  # this process's counts alone: the share it read is what the accuracy shows
+            return dict(values)
+
+        def barrier(self):
+            pass
+
+    def epoch(io, model, *args, **kw):
+        _head_predicts(model, 0)
+        return dict(SUMS["ensemble"])
+
+    monkeypatch.setattr(dist, "setup", lambda device, timeout_s: Rank1(rank=1, world=2, local_world=2))
+    monkeypatch.setattr(T, "ensemble_epoch", epoch)
+    teacher, model = _setup()
+    val = (tiny.train.images[:8], torch.tensor([0] * 6 + [1] * 2))  # rank 1 reads items 4..7: labels 0, 0, 1, 1
+    hist = devit_ext.train_dekd(model, teacher, tiny.train, val, stages=("ensemble",), epochs=1, **KW)
+    assert hist["ensemble"][0]["val_acc"] == 0.5
