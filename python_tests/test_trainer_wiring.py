@@ -377,20 +377,21 @@ def test_a_process_of_two_reads_its_share_with_its_own_seeds(tiny, monkeypatch):
             pass
 
     monkeypatch.setattr(dist, "setup", lambda device, timeout_s: Rank1(rank=1, world=2, local_world=2))
-    calls, hist = _run(monkeypatch, tiny.train, batch_size=4, seed=3, recipe="deit", lr=0.5)
+    calls, hist = _run(monkeypatch, tiny.train, batch_size=3, seed=3, recipe="deit", lr=0.5)
     labels = tiny.train.labels.tolist()
     groups = hist["settings"]["class_groups"]
     group_idx = [torch.tensor([j for j, y in enumerate(labels) if y in g]) for g in groups]
     for si, c in enumerate(calls):
         io = c["io"]
         g = torch.Generator().manual_seed(_seed(3, si + 1, 0))
-        want = (S.grouped(group_idx, 8, g, rank=1, world=2, even=True) if si == 0
-                else S.shuffled(len(labels), 8, g, rank=1, world=2, even=True))  # global batch 2 x 4
+        want = (S.grouped(group_idx, 6, g, rank=1, world=2, even=True) if si == 0
+                else S.shuffled(len(labels), 6, g, rank=1, world=2, even=True))  # global batch 2 x 3
         assert [b.tolist() for b in io.plan.batches] == [b.tolist() for b in want.batches]
         assert io.seed == _seed(3, si + 1, 0, 7, 1) and io.g.initial_seed() == _seed(3, si + 1, 0, 1)
         assert torch.equal(c["rand"], torch.rand(2, generator=torch.Generator().manual_seed(_seed(3, si + 1, 0, 1))))
         steps = len(want)
-        base = 0.5 * 8 / 512  # DeiT's rule on the global batch
+        assert all(len(b) % 2 == 0 for b in io.plan.batches)  # 3 per process and step: Mixup pairs, so 2
+        base = 0.5 * 6 / 512  # DeiT's rule on the global batch
         assert c["lrs"] == pytest.approx([U.cosine_lr(k, steps, steps - 1, base) for k in range(steps)], rel=1e-12)
     assert hist["settings"]["world_size"] == 2
 
@@ -468,13 +469,14 @@ def test_a_finished_stage_is_checkpointed_as_done_and_a_resume_starts_the_next(t
     teacher, model = _setup()
     _spy(monkeypatch)
     with pytest.raises(Stop):
-        devit_ext.train_dekd(model, teacher, tiny.train, epochs=2, out_dir=tmp_path, callback=stop, **KW)
-    state, _ = ckpt.load_checkpoint(os.path.join(tmp_path, ckpt.CKPT_DIR))
+        devit_ext.train_dekd(model, teacher, tiny.train, tiny.val, epochs=2, out_dir=tmp_path, callback=stop, **KW)
+    state, _ = ckpt.load_checkpoint(os.path.join(tmp_path, ckpt.CKPT_DIR))  # the next stage starts afresh:
     assert (state["version"], state["stage"], state["epoch"], state["best_val"]) == (2, 1, 0, None)
     calls = _spy(monkeypatch)
     _, model = _setup()
-    devit_ext.train_dekd(model, teacher, tiny.train, epochs=2, out_dir=tmp_path, resume=True, **KW)
+    hist = devit_ext.train_dekd(model, teacher, tiny.train, tiny.val, epochs=2, out_dir=tmp_path, resume=True, **KW)
     assert [c["io"].label for c in calls] == ["train_dekd: stage 'ensemble' epoch 1", "train_dekd: stage 'ensemble' epoch 2"]
+    assert hist["best"]["ensemble"]["epoch"] == 1  # judged on its own, not against stage distill's best
 
 
 def test_progress_bars_name_the_stage_and_epoch(tiny, monkeypatch, capsys):
