@@ -80,7 +80,8 @@ GROUPS = {
                  "python_tests/test_dekd.py"], []),
     # what train_dekd hands each epoch (the epochs replaced by spies in test_trainer_wiring)
     "trainer_loop": (["devit_ext/dekd/trainer.py"], ["devit_ext.dekd.trainer.x__train*"],
-                     ["python_tests/test_trainer_wiring.py", "python_tests/test_training_args.py",
+                     ["python_tests/test_trainer_wiring.py", "python_tests/test_trainer_runs.py",
+                      "python_tests/test_training_args.py",
                       "python_tests/test_method_training.py", "python_tests/test_training_recipe.py",
                       "python_tests/test_dekd.py"], []),
 }
