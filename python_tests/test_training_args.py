@@ -29,7 +29,9 @@ BAD_DEKD = [
     ("token_weight", math.nan), ("clip", -1.0), ("batch_size", 0), ("weight_decay", -1.0), ("epochs", "abc"),
     ("epochs", 0), ("seed", "abc"), ("shift", -1), ("alpha", math.nan), ("device_dropout", 1.0),
     ("relation_weights", (0.2, math.inf, 0.3)), ("warmup_epochs", -1.0), ("finetune_lr", 0.0),
-    ("mixup", -0.5), ("label_smoothing", 1.0), ("dist_timeout", 0),
+    ("mixup", -0.5), ("label_smoothing", 1.0), ("dist_timeout", 0), ("token_weight", -0.5),
+    ("relation_weights", (0.2, -0.1, 0.3)), ("epochs", {"distil": 1}), ("lr", (1e-3, 1e-3, 1e-3)),
+    ("finetune_epochs", -1), ("cutmix", -1.0), ("ema_decay", 1.0), ("accum_steps", 0),
 ]
 
 
@@ -39,7 +41,7 @@ def test_train_dekd_refuses_bad_settings_naming_them(tiny, name, value):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     kw = dict(epochs=1, batch_size=8, device="cpu", progress=False)
     kw[name] = value
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=f"^{name}: "):  # the message starts with the argument's name
         devit_ext.train_dekd(model, teacher, tiny.train, **kw)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing trained
 
