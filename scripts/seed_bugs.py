@@ -35,7 +35,8 @@ BUGS = {
     ),
     "stage4-patch-token": (
         "stage 4 matches the fused token against a patch token of the teacher instead of its class token",
-        [("devit_ext/dekd/steps.py", "tokens = [feats[:, 0].float()]", "tokens = [feats[:, -1].float()]")],
+        [("devit_ext/model.py", "return [feats[:, 0]] + ([feats[:, 1]] if distilled else [])",
+          "return [feats[:, -1]] + ([feats[:, 1]] if distilled else [])")],
         ["python_tests/test_method_dekd.py"],
     ),
     "relation-weights-permuted-default": (
@@ -68,8 +69,8 @@ BUGS = {
         "two header fields of the wire message (device index, tokens per image) swapped in encode and decode",
         [("devit_ext/wire.py", "MAGIC, VERSION, kind, transfer_code, hash_bytes(model_hash), device, num_tokens, width,",
           "MAGIC, VERSION, kind, transfer_code, hash_bytes(model_hash), num_tokens, device, width,"),
-         ("devit_ext/wire.py", "(magic, version, k, tcode, mhash, dev, T, d, bid, B, plen, compute_s) = _HEADER.unpack(raw)",
-          "(magic, version, k, tcode, mhash, T, dev, d, bid, B, plen, compute_s) = _HEADER.unpack(raw)")],
+         ("devit_ext/wire.py", "(magic, version, k, tcode, mhash, dev, T, d, bid, B, plen, compute_s, flags) = _HEADER.unpack(raw)",
+          "(magic, version, k, tcode, mhash, T, dev, d, bid, B, plen, compute_s, flags) = _HEADER.unpack(raw)")],
         ["python_tests/test_wire_layout.py", "python_tests/test_distributed.py::test_wire_round_trip"],
     ),
     "cpp-tail-ties-away-from-zero": (
