@@ -165,14 +165,14 @@ class StackedLaunch:
     Why: at batch 1 the host path is the latency floor (without CUDA graphs); the engine calls the op
     once per block with the same layout, so the per-call work shrinks to an allocation and the launch."""
 
-    __slots__ = ("out_shape", "dtype", "device", "grid", "table", "N", "scale_log2", "meta", "strides")
+    __slots__ = ("out_shape", "dtype", "device", "grid", "table", "N", "scale_log2", "meta")
 
     def __init__(self, shape: AttnShape, strides: tuple, s: float, tgt: _launch.Target):
         M, H, B, N, D = len(shape.heads), shape.heads[0], shape.B, shape.N, shape.D
         G = M * H
         if B and (G > 65535 or B > 65535):
             raise ValueError(f"qkv: at most 65535 heads and 65535 images per launch, got {G} heads, B = {B}")
-        self.out_shape, self.dtype, self.device, self.strides = (M, B, N, H * D), shape.dtype, shape.device, strides
+        self.out_shape, self.dtype, self.device = (M, B, N, H * D), shape.dtype, shape.device
         rows = _stacked_rows(M, H, D, strides, (B * N * H * D, N * H * D, H * D, 1))  # contiguous output
         align = _launch.align_elems(shape.dtype.itemsize, [v for r in rows for v in r[:7]])
         self.table = _launch.device_table(rows, shape.device)

@@ -45,3 +45,26 @@ def test_cached_attention_launches_do_not_outlive_the_patch():
         assert len(attention._LAUNCHES) == 1
     assert attention._LAUNCHES == {}
     torch.testing.assert_close(ops.subvit_attention(qkv), reference.subvit_attention(qkv))
+
+
+def test_a_tensor_subclass_takes_the_uncached_triton_path():
+    """Only plain tensors are keyed into the launch cache; a subclass on the Triton path launches uncached
+    (it reached an unset cache key before)."""
+    import torch
+
+    from devit_ext import kernels, ops
+    from devit_ext.bench import host_overhead
+    from devit_ext.ops import attention
+
+    if not kernels.available():
+        pytest.skip(f"Triton kernels unavailable: {kernels.info()['error']}")
+
+    class Sub(torch.Tensor):
+        pass
+
+    qkv = torch.randn(2, 1, 5, 3 * 16 * 1).view(2, 1, 5, 3, 1, 16).as_subclass(Sub)
+    with torch.inference_mode(), host_overhead.patched_launch() as recs:
+        before = recs["attention"].calls
+        ops.subvit_attention(qkv)
+        assert recs["attention"].calls - before == 1
+        assert attention._LAUNCHES == {}

@@ -39,7 +39,8 @@ def clear_plans() -> None:
 
 def _run(qkv, scale: Optional[float]):
     """Checks (`devit_ext.checks`, once) and device dispatch, shared by both ops and the eager path."""
-    if type(qkv) is torch.Tensor:
+    key = None
+    if type(qkv) is torch.Tensor:  # plain tensors only: a subclass may carry what the key does not see
         key = (qkv.shape, qkv.stride(), qkv.dtype, qkv.device, scale)
         hit = _LAUNCHES.get(key)
         if hit is not None:
@@ -48,7 +49,7 @@ def _run(qkv, scale: Optional[float]):
     if fused_path(shape.device) == "triton":
         from devit_ext import kernels
 
-        if shape.stacked and qkv.stride(-1) == 1:
+        if key is not None and qkv.stride(-1) == 1:
             plan = _LAUNCHES[key] = kernels.stacked_attention_launch(shape, qkv.stride(), s)
             if len(_LAUNCHES) > 256:
                 _LAUNCHES.pop(next(iter(_LAUNCHES)))
