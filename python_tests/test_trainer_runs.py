@@ -13,7 +13,7 @@ import devit_ext
 import devit_ext.dekd.trainer as T
 from devit_ext import checkpoint as ckpt
 from test_trainer_wiring import KW, SUMS, _Items, _run, _spy
-from test_training_args import _setup, tiny  # noqa: F401 - tiny is a fixture
+from test_training_args import StopRun, _setup, stop_at, tiny  # noqa: F401 - tiny is a fixture
 
 torch.set_num_threads(1)
 
@@ -41,16 +41,10 @@ def test_finetuned_subtask_teachers_are_made_once_and_handed_to_stage_distill(ti
 
 
 def test_resume_says_where_it_restarts_and_keeps_this_runs_settings(tiny, monkeypatch, tmp_path, capsys):
-    class Stop(Exception):
-        pass
-
-    def stop(stage, epoch, rec):
-        if (stage, epoch) == ("distill", 1):
-            raise Stop
-
+    stop = stop_at("distill", 1)
     teacher, model = _setup()
     _spy(monkeypatch)
-    with pytest.raises(Stop):
+    with pytest.raises(StopRun):
         devit_ext.train_dekd(model, teacher, tiny.train, epochs=2, out_dir=tmp_path, callback=stop, **KW)
     capsys.readouterr()
     calls = _spy(monkeypatch)
@@ -103,16 +97,11 @@ def test_resume_restores_the_weight_average(tiny, monkeypatch, tmp_path):
             ema.fusion.head.bias.add_(1.0)  # what an epoch of updates would do to the average
         return dict(SUMS["ensemble"])
 
-    class Stop(Exception):
-        pass
-
-    def stop(stage, e, rec):
-        raise Stop
-
+    stop = stop_at("ensemble")  # the only stage of this run
     monkeypatch.setattr(T, "ensemble_epoch", epoch)
     kw = dict(stages=("ensemble",), epochs=2, recipe="deit", ema_decay=0.5, out_dir=tmp_path, **KW)
     teacher, model = _setup()
-    with pytest.raises(Stop):
+    with pytest.raises(StopRun):
         devit_ext.train_dekd(model, teacher, tiny.train, callback=stop, **kw)
     _, model = _setup()
     devit_ext.train_dekd(model, teacher, tiny.train, resume=True, **kw)
@@ -156,16 +145,10 @@ def test_stage_distill_validates_each_device_on_its_own_classes(tiny, monkeypatc
 
 
 def test_a_finished_stage_is_checkpointed_as_done_and_a_resume_starts_the_next(tiny, monkeypatch, tmp_path):
-    class Stop(Exception):
-        pass
-
-    def stop(stage, e, rec):
-        if (stage, e) == ("distill", 2):
-            raise Stop
-
+    stop = stop_at("distill", 2)
     teacher, model = _setup()
     _spy(monkeypatch)
-    with pytest.raises(Stop):
+    with pytest.raises(StopRun):
         devit_ext.train_dekd(model, teacher, tiny.train, tiny.val, epochs=2, out_dir=tmp_path, callback=stop, **KW)
     state, _ = ckpt.load_checkpoint(os.path.join(tmp_path, ckpt.CKPT_DIR))  # the next stage starts afresh:
     assert (state["version"], state["stage"], state["epoch"], state["best_val"]) == (2, 1, 0, None)

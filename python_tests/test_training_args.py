@@ -24,6 +24,20 @@ def _setup():
     return t, devit_ext.decompose(t, 2, seed=0)
 
 
+class StopRun(Exception):
+    """Raised by a `stop_at` callback: ends a train_dekd run the way a kill would, checkpoints written."""
+
+
+def stop_at(stage: str, epoch: int | None = None):
+    """A train_dekd callback that raises StopRun after `epoch` of `stage` (after its first epoch when None)."""
+
+    def callback(s, e, rec):
+        if s == stage and (epoch is None or e == epoch):
+            raise StopRun
+
+    return callback
+
+
 BAD_DEKD = [
     ("lr", math.inf), ("lr", 0.0), ("lr", (1e-3, -1.0)), ("temperature", 0.0), ("temperature", -1.0),
     ("token_weight", math.nan), ("clip", -1.0), ("batch_size", 0), ("weight_decay", -1.0), ("epochs", "abc"),

@@ -6,6 +6,7 @@ import devit_ext
 from devit_ext import data as D
 from devit_ext.teacher import build_teacher, train_teacher
 from devit_ext.training import recipe as R
+from test_training_args import StopRun, stop_at
 
 torch.set_num_threads(1)
 
@@ -69,15 +70,9 @@ def test_deit_recipe_runs_with_mixup_and_ema_and_resumes_exactly(tiny, tmp_path)
     rset = hist_a["settings"]["recipe"]
     assert rset["name"] == "deit" and rset["accum_steps"] == 2 and rset["ema_decay"] == 0.9
 
-    class Stop(Exception):
-        pass
-
-    def stop(stage, epoch, rec):
-        if (stage, epoch) == ("ensemble", 1):
-            raise Stop
-
+    stop = stop_at("ensemble", 1)
     _, model_b = _setup()
-    with pytest.raises(Stop):
+    with pytest.raises(StopRun):
         devit_ext.train_dekd(model_b, teacher, tiny.train, tiny.val, out_dir=tmp_path, callback=stop, **kw)
     _, model_b = _setup()
     hist_b = devit_ext.train_dekd(model_b, teacher, tiny.train, tiny.val, out_dir=tmp_path, resume=True, **kw)
