@@ -1,0 +1,81 @@
+"""Demo teacher experiments: ViT alone vs ViT distilled from a small CNN (same loop)."""
+import json, sys, time, resource
+import torch, torch.nn as nn, torch.nn.functional as F
+from devit_ext import data as D
+from devit_ext.teacher import build_teacher
+from devit_ext.training import common as U
+
+cfg = dict(epochs=30, batch_size=128, lr=2e-3, shift=2, seed=0, data_seed=0, threads=1,
+           kd=None, kd_w=0.5, T=4.0, cnn_epochs=15, cnn_lr=3e-3, distilled=False, hard=False, cnn_width=32)
+cfg.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
+torch.set_num_threads(cfg["threads"])
+sp = D.mnist5k(seed=cfg["data_seed"])
+Xtr, Ytr = sp.train.images, sp.train.labels
+
+def cnn(w):
+    return nn.Sequential(
+        nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+        nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+        nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.3), nn.Linear(2 * w * 49, 128), nn.ReLU(), nn.Linear(128, 10))
+
+@torch.no_grad()
+def acc(m, ds):
+    m.eval(); z = m(ds.images)
+    if isinstance(z, tuple): z = (z[0] + z[1]) / 2
+    m.train(); return float((z.argmax(-1) == ds.labels).float().mean())
+
+def train(model, epochs, lr, kd_model=None, label=""):
+    torch.manual_seed(cfg["seed"])
+    opt = torch.optim.AdamW(U.param_groups([model], 0.05), lr=lr)
+    spe = -(-len(Ytr) // cfg["batch_size"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * spe, pct_start=0.2,
+                                                div_factor=25, final_div_factor=1e3)
+    best, best_state, log = -1, None, []
+    for ep in range(epochs):
+        g = U.generator(cfg["seed"], 7, ep)
+        perm = torch.randperm(len(Ytr), generator=g)
+        for i in range(0, len(Ytr), cfg["batch_size"]):
+            idx = perm[i:i + cfg["batch_size"]]
+            x = U.random_shift(Xtr[idx], cfg["shift"], g); y = Ytr[idx]
+            out = model(x)
+            if kd_model is None:
+                z = (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
+                loss = F.cross_entropy(z, y)
+            else:
+                with torch.no_grad():
+                    zt = kd_model(x)
+                zc, zd = out if isinstance(out, tuple) else (out, out)
+                if cfg["hard"]:
+                    lkd = F.cross_entropy(zd, zt.argmax(-1))
+                else:
+                    T = cfg["T"]
+                    lkd = F.kl_div(F.log_softmax(zd / T, -1), F.log_softmax(zt / T, -1), reduction="batchmean",
+                                   log_target=True) * T * T
+                loss = (1 - cfg["kd_w"]) * F.cross_entropy(zc, y) + cfg["kd_w"] * lkd
+            opt.zero_grad(set_to_none=True); loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
+        va = acc(model, sp.val)
+        if va > best:
+            best, best_state = va, {k: v.clone() for k, v in model.state_dict().items()}
+        log.append(round(va, 3))
+    model.load_state_dict(best_state); model.eval()
+    return best, log
+
+t0 = time.time()
+res = dict(cfg=cfg)
+kd_model = None
+if cfg["kd"] == "cnn":
+    c = cnn(cfg["cnn_width"])
+    bv, _ = train(c, cfg["cnn_epochs"], cfg["cnn_lr"])
+    res.update(cnn_val=bv, cnn_test=acc(c, sp.test), cnn_s=round(time.time() - t0, 1))
+    print("cnn", res, flush=True)
+    kd_model = c.eval()
+vit = build_teacher(embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, patch_size=7, distilled=cfg["distilled"],
+                    seed=cfg["seed"])
+bv, log = train(vit, cfg["epochs"], cfg["lr"], kd_model)
+ru = resource.getrusage(resource.RUSAGE_SELF)
+res.update(vit_val=bv, vit_test=acc(vit, sp.test), val_log=log, wall=round(time.time() - t0, 1),
+           cpu=round(ru.ru_utime + ru.ru_stime, 1))
+print("RESULT", json.dumps(res), flush=True)
