@@ -1,11 +1,17 @@
-"""Demo teacher experiments: ViT alone vs ViT distilled from a small CNN (same loop)."""
+"""Demo teacher experiment (docs/demo-results.md, fifth try): the demo's ViT alone vs distilled from a small CNN.
+
+Both in one loop with train_teacher's light-recipe settings (train_teacher itself has no distillation term).
+    python scripts/demo_teacher_kd_experiment.py '{"kd": "cnn", "data_seed": 1}'
+prints one RESULT line of JSON (test/val accuracy, val accuracy per epoch, wall and CPU seconds).
+"""
 import json, sys, time, resource
 import torch, torch.nn as nn, torch.nn.functional as F
 from devit_ext import data as D
+from devit_ext.demo import TEACHER, TEACHER_TRAIN
 from devit_ext.teacher import build_teacher
 from devit_ext.training import common as U
 
-cfg = dict(epochs=30, batch_size=128, lr=2e-3, shift=2, seed=0, data_seed=0, threads=1,
+cfg = dict(TEACHER_TRAIN, seed=0, data_seed=0, threads=1,
            kd=None, kd_w=0.5, T=4.0, cnn_epochs=15, cnn_lr=3e-3, distilled=False, hard=False, cnn_width=32)
 cfg.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
 torch.set_num_threads(cfg["threads"])
@@ -26,7 +32,7 @@ def acc(m, ds):
     if isinstance(z, tuple): z = (z[0] + z[1]) / 2
     m.train(); return float((z.argmax(-1) == ds.labels).float().mean())
 
-def train(model, epochs, lr, kd_model=None, label=""):
+def train(model, epochs, lr, kd_model=None):
     torch.manual_seed(cfg["seed"])
     opt = torch.optim.AdamW(U.param_groups([model], 0.05), lr=lr)
     spe = -(-len(Ytr) // cfg["batch_size"])
@@ -72,8 +78,7 @@ if cfg["kd"] == "cnn":
     res.update(cnn_val=bv, cnn_test=acc(c, sp.test), cnn_s=round(time.time() - t0, 1))
     print("cnn", res, flush=True)
     kd_model = c.eval()
-vit = build_teacher(embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0, patch_size=7, distilled=cfg["distilled"],
-                    seed=cfg["seed"])
+vit = build_teacher(**TEACHER, distilled=cfg["distilled"], seed=cfg["seed"])
 bv, log = train(vit, cfg["epochs"], cfg["lr"], kd_model)
 ru = resource.getrusage(resource.RUSAGE_SELF)
 res.update(vit_val=bv, vit_test=acc(vit, sp.test), val_log=log, wall=round(time.time() - t0, 1),
