@@ -61,7 +61,8 @@ def test_local_engine_onnxruntime_sender_runs_ccts_and_auto_keeps_them_on_torch(
     assert st.transfer_bytes_per_image == [w + 4 for w in m.widths]
     # (fp32 agreement of these programs with torch: test_worker_runtime.py, the same ort_sender.sender_module)
     _, st = devit_ext.collaborate(m, x[:2], backend="auto", return_stats=True)
-    assert st.extra["sender_backend"] == "torch" and any("auto keeps CCTs on torch" in n for n in st.notes)
+    assert st.extra["sender_backend"] == "torch" and any("CCT: stacked grouped convs" in n and "auto: torch" in n
+                                                         for n in st.notes)
 
 
 def test_local_engine_refuses_bad_images_for_ccts():

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -41,3 +42,31 @@ def test_data_driven_decompose_and_a_timm_train_checkpoint(tmp_path):
     assert sorted(c for g in model.class_groups for c in g) == list(range(6))
     assert model.flops()[0] < model.flops()[1]  # the budgets 0.1 vs 0.3 of the teacher's FLOPs
     assert json.load(open(run / "run.json"))["teacher"]["checkpoint"] == str(ckpt)
+
+
+
+def test_latency_budgets_from_the_command_line(tmp_path, monkeypatch):
+    """--budgets latency=F / latency_ms=X with --runtime reach decompose's latency budgets (profile faked)."""
+    from safetensors.torch import save_file
+    from test_latency_decompose import _fake_measure
+
+    import devit_ext
+    from devit_ext.latency import cache as lcache
+
+    calls = []
+    monkeypatch.setattr(lcache, "measure_components", _fake_measure(calls))
+    monkeypatch.setattr(lcache, "measure_teacher", lambda t, r, b, n: 1e-3)  # the teacher: 1 ms
+    monkeypatch.setattr(lcache, "measure_probes", lambda c, r, b, n: [])
+    monkeypatch.setenv("DEVIT_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt = tmp_path / "t.safetensors"
+    save_file({k: v.contiguous() for k, v in _teacher_state().items()}, ckpt)
+    run = tmp_path / "run"
+    assert main(["decompose", "--teacher", TEACHER, "--teacher-checkpoint", str(ckpt), "--model-kwargs",
+                 *kwargs_flags(), "--devices", "3", "--budgets", "latency=0.5", "latency_ms=0.3", "0.2",
+                 "--runtime", "onnxruntime", "--out", str(run)]) == 0
+    model = devit_ext.load(run / "decomposed")
+    assert calls == ["onnxruntime"]
+    assert [t["kind"] for t in model.meta["budget_targets"]] == ["latency", "latency", "flops"]
+    assert [t["value"] for t in model.meta["budget_targets"][:2]] == pytest.approx([0.5e-3, 0.3e-3])
+    lat = model.meta["latency"]
+    assert lat["runtime"] == "onnxruntime" and all(p <= c + 1e-9 for p, c in zip(lat["predicted_ms"], (0.5, 0.3)))

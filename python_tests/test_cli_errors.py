@@ -75,6 +75,9 @@ def test_teacher_problems_name_their_flag(setup, capsys):
     torch.save(_teacher_file(str(tmp / "other.safetensors")), pickled)  # a pickled nn.Module, not a state dict
     _fails(_decompose(str(pickled), out), capsys, "--teacher-checkpoint", "weights_only=True", "never unpickled")
     _fails(_decompose(ckpt, out, "--budgets", "0.2"), capsys, "--budgets", "one per device")
+    _fails(_decompose(ckpt, out, "--budgets", "0.2", "speed=3"), capsys, "--budgets", "latency_ms=X", "'speed=3'")
+    _fails(_decompose(ckpt, out, "--budgets", "0.2", "latency=fast"), capsys, "--budgets", "'latency=fast'")
+    _fails(_decompose(ckpt, out, "--budgets", "0.2", "latency=2"), capsys, "budgets[1]", "latency is a fraction")
     assert not out.exists()
     # a torch file of plain tensors loads with weights_only=True
     from safetensors.torch import load_file

@@ -107,10 +107,18 @@ def test_uint8_images(models, name):
 def test_micro_batches(models):
     m = models["vit-hetero"]
     x = _images(13)
-    full, st_full = devit_ext.collaborate(m, x, transfer="fp32", return_stats=True)
+    full, st_full = devit_ext.collaborate(m, x, transfer="fp32", batch_size=13, return_stats=True)
     mb, st = devit_ext.collaborate(m, x, transfer="fp32", batch_size=5, return_stats=True)
     assert st.micro_batches == 3 and st_full.micro_batches == 1
     torch.testing.assert_close(mb, full, rtol=1e-5, atol=1e-5)
+    # no batch_size on the CPU: micro-batches of local.CPU_CHUNK, said in the notes, same logits
+    auto, st_auto = devit_ext.collaborate(m, x, transfer="fp32", return_stats=True)
+    assert st_auto.micro_batches == -(-13 // local.CPU_CHUNK) > 1
+    assert any(f"micro-batches of {local.CPU_CHUNK}" in n for n in st_auto.notes)
+    assert not any("micro-batches of" in n for n in st_full.notes)
+    torch.testing.assert_close(auto, full, rtol=1e-5, atol=1e-5)
+    _, st_small = devit_ext.collaborate(m, x[: local.CPU_CHUNK], return_stats=True)
+    assert st_small.micro_batches == 1
     q_full = devit_ext.collaborate(m, x)
     q_mb = devit_ext.collaborate(m, x, batch_size=4)
     torch.testing.assert_close(q_mb, q_full, rtol=1e-5, atol=1e-5)  # int8 quantises per token: batch-independent

@@ -97,16 +97,19 @@ def test_local_backend_explicit_auto_and_refusals(installed):
     f32, f64 = torch.float32, torch.float64
     installed(ort=(False, "onnx: missing"))
     assert P.local_backend("torch", CUDA, f64, True) == ("torch", "asked for")
-    assert P.local_backend("auto", CPU, f32, False) == ("torch", "auto: onnxruntime unavailable: onnx: missing")
+    assert P.local_backend("auto", CPU, f32, False) == ("torch", P.AUTO_WHY)
     with pytest.raises(RuntimeError) as e:
         P.local_backend("onnxruntime", CPU, f32, False)
     assert str(e.value) == ("backend='onnxruntime': onnxruntime does not import here (onnx: missing); "
                             "pip install \"devit-ext[export]\" or use backend='torch'")
     installed(ort=(True, "9.9"))
     assert P.local_backend("onnxruntime", CPU, f32, False) == ("onnxruntime", "onnxruntime 9.9")
-    assert P.local_backend("auto", CPU, f32, False) == ("onnxruntime", "onnxruntime 9.9")
-    for dev, dt, comp in [(CPU, f64, False), (CUDA, f32, False), (CPU, f32, True)]:
-        assert P.local_backend("auto", dev, dt, comp) == ("torch", "auto: onnxruntime only for CPU float32 without compile")
+    # auto takes torch even where onnxruntime imports: the torch sender measured faster on CPU
+    for dev, dt, comp in [(CPU, f32, False), (CPU, f64, False), (CUDA, f32, False), (CPU, f32, True)]:
+        assert P.local_backend("auto", dev, dt, comp) == ("torch", P.AUTO_WHY)
+    assert "measured faster" in P.AUTO_WHY and "docs/perf-notes.md" in P.AUTO_WHY
+    with pytest.raises(ValueError, match="backend: expected one of torch, onnxruntime, auto, got 'ort'"):
+        P.local_backend("ort", CPU, f32, False)
     for dev, dt in [(CPU, f64), (CUDA, f32)]:
         with pytest.raises(ValueError) as e:
             P.local_backend("onnxruntime", dev, dt, False)
@@ -132,7 +135,7 @@ def test_build_info_with_everything_installed(installed, monkeypatch):
         "ops_cpu": {**dict.fromkeys(QUANT, "native C++"), "subvit_attention": SDPA,
                     "ensemble_fusion": "native C++ dequantise + torch matmul"},
         "ops_cuda": {**dict.fromkeys(QUANT, "native CUDA"), "subvit_attention": "triton", "ensemble_fusion": "triton"},
-        "onnxruntime": "9.9", "onnxruntime_error": None, "local_backend_cpu": "onnxruntime",
+        "onnxruntime": "9.9", "onnxruntime_error": None, "local_backend_cpu": f"torch ({P.AUTO_WHY})",
     }
     assert type(info["cuda_available"]) is bool and type(info["openmp"]) is int
 
@@ -155,7 +158,7 @@ def test_build_info_says_what_is_missing(installed, monkeypatch):
         "ops_cuda": {**dict.fromkeys(QUANT, why), "subvit_attention": "unavailable (triton missing)",
                      "ensemble_fusion": "unavailable (triton missing)"},
         "onnxruntime": None, "onnxruntime_error": "onnxruntime: missing",
-        "local_backend_cpu": "torch (auto: onnxruntime unavailable: onnxruntime: missing)",
+        "local_backend_cpu": f"torch ({P.AUTO_WHY})",
     }
     installed(native=_FakeNative(cuda=False, config=dict(cxx_compiler="")), ort=(True, "9.9"))
     info = P.build_info()

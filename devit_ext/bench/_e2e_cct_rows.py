@@ -9,7 +9,7 @@ convs, batched blocks). Rows, timed interleaved like the ViT rows (e2e_cpu.inter
 - CCT teacher eager (the baseline of `speedup`), and exported to onnxruntime
 - the DeCCT's naive loop (`DeViT.forward`), its sub-models one after the other in onnxruntime
 - the local engine (int8) on its torch sender (stacked) and on its onnxruntime sender (one session
-  per sub-model; `backend="auto"` keeps CCTs on torch, so both are asked for by name)
+  per sub-model; both asked for by name, `backend="auto"` takes torch)
 - the distributed engine over loopback (spawned workers), unless DEVIT_E2E_SKIP has "distributed"
 - device 0's worker compute (`devit-ext worker --runtime torch|onnxruntime`): the pooled vector + int8
 

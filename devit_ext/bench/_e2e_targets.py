@@ -2,12 +2,12 @@
 
 Every line is a ratio of two medians of that run (higher is better, except per-image cost and
 RSS, where the line says), the target, and met / missed; a row that did not run gives "-".
-The engine checked is the local engine on its onnxruntime sender (what `backend="auto"` runs on
-a CPU with onnxruntime), or on its torch sender where onnxruntime is unavailable.
+The engine checked is the local engine on its torch sender: what `collaborate` runs by default and
+under `backend="auto"` (its onnxruntime sender, asked for by name, has its own row in the table).
 """
 from __future__ import annotations
 
-from ._e2e_rows import ENGINE_ROW, SEQ_ORT_ROW, TORCH_ENGINE_ROW, WORKER_ROWS
+from ._e2e_rows import SEQ_ORT_ROW, TORCH_ENGINE_ROW, WORKER_ROWS
 from .timing import Table
 
 TEACHER, TEACHER_ORT, NAIVE = "teacher eager (timm)", "teacher onnxruntime", "naive loop eager"
@@ -19,8 +19,7 @@ def _line(t: Table, what: str, batch, value, target: str, ok) -> None:
 
 
 def targets(meds: dict[int, dict[str, float]], rss: Table | None, batches) -> Table:
-    any_b = next(iter(meds.values()), {})
-    engine = ENGINE_ROW if ENGINE_ROW in any_b else TORCH_ENGINE_ROW
+    engine = TORCH_ENGINE_ROW
     t = Table(f"e2e cpu targets (issue 16): {engine} against the same run's rows")
 
     def ratio(m, num, den):

@@ -16,8 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V",
                    help="timm.create_model keyword arguments, parsed as timm's train.py does (num_classes=10 img_size=32)")
     p.add_argument("--devices", type=int, default=None, metavar="N", help="number of devices (sub-models)")
-    p.add_argument("--budgets", nargs="+", type=float, default=None, metavar="F",
-                   help="per-device share of the teacher's FLOPs, one per device (default 0.4/N each)")
+    p.add_argument("--budgets", nargs="+", default=None, metavar="B",
+                   help="one per device: F (a share of the teacher's FLOPs), flops=N, params=N, latency=F (a share "
+                        "of the teacher's measured latency on --runtime) or latency_ms=X (default 0.4/N each)")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default=None,
+                   help="where latency budgets are measured (a short profile, cached; default torch), and where "
+                        "FLOPs / params budgets prefer the faster shapes when given")
     p.add_argument("--partition", choices=("random", "similarity"), default="random",
                    help="class split: the paper's seeded random split, or clustering on --data")
     p.add_argument("--importance", choices=("magnitude", "taylor", "hsic"), default="magnitude",
@@ -35,6 +39,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_flag(p)
 
 
+BUDGET_KINDS = ("flops", "params", "latency", "latency_ms")
+
+
+def parse_budget(text) -> float | dict:
+    """One --budgets entry: "0.1" (or a number from -c FILE) -> 0.1, "latency=0.1" -> {"latency": 0.1},
+    and so on for BUDGET_KINDS; the values' ranges are checked by `decompose`, naming budgets[i]."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    kind, sep, value = str(text).partition("=")
+    try:
+        if not sep:
+            return float(kind)
+        if kind in BUDGET_KINDS:
+            return {kind: float(value)}
+    except ValueError:
+        pass
+    raise RunError(f"--budgets: expected F or one of {', '.join(k + '=X' for k in BUDGET_KINDS)}, got {text!r}")
+
+
 def run(args) -> int:
     import torch
 
@@ -48,6 +71,7 @@ def run(args) -> int:
     positive("batch_size", args.batch_size)
     if args.budgets is not None and len(args.budgets) != n:
         raise RunError(f"--budgets: {len(args.budgets)} values for --devices {n}; give one per device")
+    budgets = None if args.budgets is None else [parse_budget(b) for b in args.budgets]
     out = os.path.abspath(args.out)
     if os.path.exists(out) and os.listdir(out) and not args.overwrite:
         raise RunError(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
@@ -73,9 +97,9 @@ def run(args) -> int:
         g = torch.Generator().manual_seed(args.seed)
         idx = torch.randperm(len(ds), generator=g)[: args.max_samples].tolist()  # all classes, not the first few
         data = as_batches(torch.utils.data.Subset(ds, idx), args.batch_size, args.workers, desc="decompose: reading data")
-    model = decompose(teacher, n, budgets=args.budgets, partition=args.partition, importance=args.importance,
+    model = decompose(teacher, n, budgets=budgets, partition=args.partition, importance=args.importance,
                       data=data, seed=args.seed, fusion_init=args.fusion_init, max_samples=args.max_samples,
-                      batch_size=args.batch_size)  # taylor needs gradients: no no_grad here
+                      batch_size=args.batch_size, runtime=args.runtime)  # taylor needs gradients: no no_grad here
 
     rec = {
         "format": R.RUN_FORMAT,

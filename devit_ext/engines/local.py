@@ -39,6 +39,10 @@ ENGINE_OPTS = ("cuda_graphs", "max_bucket", "compile", "backend")
 BACKENDS = ("torch", "onnxruntime", "auto")
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _CACHE_PER_MODEL = 4
+# CPU, torch sender, ViT: a batch with no batch_size runs as micro-batches of this many images; each
+# one's activations stay in cache, and batches 8 and 32 ran 6-25% faster than whole (docs/perf-notes.md,
+# "CPU micro-batches"). batch_size=n runs n images whole.
+CPU_CHUNK = 4
 
 
 _VERSION = operator.attrgetter("_version")
@@ -63,11 +67,7 @@ class LocalEngine:
         if len(kinds) > 1:
             raise ValueError("model: mixes ViT and CCT sub-models; the local engine runs one backbone")
         self.cct = kinds == {True}
-        if self.cct and backend != "onnxruntime":  # "auto"'s onnxruntime rule was measured on ViTs: CCTs stay on torch
-            self.backend, self.backend_note = "torch", "sender side on torch (CCT: stacked grouped convs + batched " \
-                "matmuls" + ("; auto keeps CCTs on torch: backend='onnxruntime' runs them there)" if backend == "auto" else ")")
-        else:
-            self.backend, self.backend_note = self._pick_backend(backend)
+        self.backend, self.backend_note = self._pick_backend(backend)
         with torch.no_grad():
             if self.backend == "onnxruntime":
                 from .ort_sender import OrtSender
@@ -98,6 +98,7 @@ class LocalEngine:
                 for mp, cls in model.fusion.branches()
             ]
         self.use_graphs = bool(cuda_graphs) and device.type == "cuda"
+        self.cpu_chunk = CPU_CHUNK if device.type == "cpu" and self.backend == "torch" and not self.cct else None
         self.max_bucket = int(max_bucket)
         self._graphs: dict[int, dict] = {}
         self._pool = None
@@ -108,7 +109,8 @@ class LocalEngine:
         from ..ops import dispatch
 
         name, why = dispatch.local_backend(backend, self.device, self.dtype, self.compiled)
-        return name, (f"sender side on torch (stacked batched matmuls; {why})" if name == "torch" else why)
+        how = "CCT: stacked grouped convs + batched matmuls" if self.cct else "stacked batched matmuls"
+        return name, (f"sender side on torch ({how}; {why})" if name == "torch" else why)
 
     # -- the two halves --------------------------------------------------
     def send(self, images: torch.Tensor) -> list[protocol.TokenMessage]:
@@ -237,9 +239,13 @@ def run(model, images: torch.Tensor, request: common.Request, *, return_stats: b
     t_start = time.perf_counter()
     eng = get_engine(model, dev, dt, transfer, opts)
     timing = {"compute_s": 0.0, "fusion_s": 0.0, "events": []} if return_stats else None
-    chunks = common.micro_batches(images.shape[0], batch_size)
-    if eng.use_graphs and batch_size is None and images.shape[0] > eng.max_bucket:
-        chunks = common.micro_batches(images.shape[0], eng.max_bucket)
+    n = images.shape[0]
+    chunks = common.micro_batches(n, batch_size)
+    if eng.use_graphs and batch_size is None and n > eng.max_bucket:
+        chunks = common.micro_batches(n, eng.max_bucket)
+    cpu_chunked = batch_size is None and eng.cpu_chunk is not None and n > eng.cpu_chunk
+    if cpu_chunked:
+        chunks = common.micro_batches(n, eng.cpu_chunk)
     with torch.inference_mode():
         outs = [eng.run_chunk(model, images[s:e], timing) for s, e in chunks]
         logits = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
@@ -285,6 +291,9 @@ def run(model, images: torch.Tensor, request: common.Request, *, return_stats: b
             "sender_backend": eng.backend,
         },
     )
+    if cpu_chunked:
+        stats.notes.append(f"CPU: {n} images run as micro-batches of {eng.cpu_chunk} (faster per image than "
+                           "whole batches here; batch_size=N runs N at a time)")
     if request.degrade:
         stats.notes.append("degrade=True has no effect locally: every device is in this process")
     return logits, stats.finish(latency)

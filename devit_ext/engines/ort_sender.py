@@ -154,10 +154,9 @@ class OrtSender:
     """Callable like `stacked.SenderStack`: normalised fp32 images (B, C, H, W) -> per model (B, T, d)
     (a CCT: its pooled vector, (B, 1, d)).
 
-    One session per sub-model, run one after the other: in two interleaved bench runs (docs/perf-notes.md)
-    The bench's row of 4 sessions (one per sub-model, run in turn) beat an earlier version of this
-    sender that ran one graph holding all 4 models, in both interleaved runs (batch 8: 1360 vs 1950 ms,
-    batch 1: 170 vs 212 ms; docs/perf-notes.md).
+    One session per sub-model, run one after the other: 4 sessions run in turn beat an earlier version
+    of this sender that ran one graph holding all 4 models, in two interleaved bench runs (batch 8:
+    1360 vs 1950 ms, batch 1: 170 vs 212 ms; docs/perf-notes.md).
     """
 
     def __init__(self, submodels: Sequence[nn.Module], threads: int | None = None):
