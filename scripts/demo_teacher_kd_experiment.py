@@ -1,7 +1,9 @@
-"""Demo teacher experiment (docs/demo-results.md, fifth try): the demo's ViT alone vs distilled from a small CNN.
+"""Demo teacher experiments (docs/demo-results.md, fifth and sixth tries): the demo's ViT alone, distilled
+from a small CNN (fifth), or with its patch embedding / position embedding initialised from the data (sixth).
 
-Both in one loop with train_teacher's light-recipe settings (train_teacher itself has no distillation term).
+All in one loop with train_teacher's light-recipe settings (train_teacher itself has no distillation term).
     python scripts/demo_teacher_kd_experiment.py '{"kd": "cnn", "data_seed": 1}'
+    python scripts/demo_teacher_kd_experiment.py '{"patch_init": "pca", "pos_init": "sincos"}'
 prints one RESULT line of JSON (test/val accuracy, val accuracy per epoch, wall and CPU seconds).
 """
 import json, sys, time, resource
@@ -12,7 +14,8 @@ from devit_ext.teacher import build_teacher
 from devit_ext.training import common as U
 
 cfg = dict(TEACHER_TRAIN, seed=0, data_seed=0, threads=1,
-           kd=None, kd_w=0.5, T=4.0, cnn_epochs=15, cnn_lr=3e-3, distilled=False, hard=False, cnn_width=32)
+           kd=None, kd_w=0.5, T=4.0, cnn_epochs=15, cnn_lr=3e-3, distilled=False, hard=False, cnn_width=32,
+           patch_init=None, pos_init=None, shift_ramp=0)
 cfg.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
 torch.set_num_threads(cfg["threads"])
 sp = D.mnist5k(seed=cfg["data_seed"])
@@ -32,6 +35,11 @@ def acc(m, ds):
     if isinstance(z, tuple): z = (z[0] + z[1]) / 2
     m.train(); return float((z.argmax(-1) == ds.labels).float().mean())
 
+def shift_at(ep):
+    """Pixel shifts of epoch ep: cfg["shift"], or with shift_ramp R, shift * ep // R up to it (0 at first)."""
+    r = cfg["shift_ramp"]
+    return cfg["shift"] if not r else min(cfg["shift"], cfg["shift"] * ep // r)
+
 def train(model, epochs, lr, kd_model=None):
     torch.manual_seed(cfg["seed"])
     opt = torch.optim.AdamW(U.param_groups([model], 0.05), lr=lr)
@@ -44,7 +52,7 @@ def train(model, epochs, lr, kd_model=None):
         perm = torch.randperm(len(Ytr), generator=g)
         for i in range(0, len(Ytr), cfg["batch_size"]):
             idx = perm[i:i + cfg["batch_size"]]
-            x = U.random_shift(Xtr[idx], cfg["shift"], g); y = Ytr[idx]
+            x = U.random_shift(Xtr[idx], shift_at(ep), g); y = Ytr[idx]
             out = model(x)
             if kd_model is None:
                 z = (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
@@ -79,6 +87,40 @@ if cfg["kd"] == "cnn":
     print("cnn", res, flush=True)
     kd_model = c.eval()
 vit = build_teacher(**TEACHER, distilled=cfg["distilled"], seed=cfg["seed"])
+
+
+@torch.no_grad()
+def init_patch_pca(vit, X, eps=1e-2):
+    """Patch embedding = whitened PCA of the training patches, mixed into embed_dim channels by a random
+    orthonormal map (seeded), each channel ~unit variance; bias centres the patches."""
+    proj = vit.patch_embed.proj
+    k = proj.kernel_size[0]
+    P = F.unfold(X, k, stride=k).transpose(1, 2).reshape(-1, X.shape[1] * k * k)  # (M, C k k)
+    mu = P.mean(0)
+    lam, V = torch.linalg.eigh(torch.cov((P - mu).T))
+    Wh = (V / (lam + eps).sqrt()).T  # (Ckk, Ckk): rows whiten
+    g = torch.Generator().manual_seed(cfg["seed"])
+    R, _ = torch.linalg.qr(torch.randn(proj.out_channels, Wh.shape[0], generator=g))  # orthonormal columns
+    W = R @ Wh * (proj.out_channels / Wh.shape[0]) ** 0.5
+    proj.weight.copy_(W.reshape(proj.weight.shape)); proj.bias.copy_(-W @ mu)
+
+
+@torch.no_grad()
+def init_pos_sincos(vit):
+    """Fixed-form 2-D sine-cosine table (as MAE's) as the starting position embedding; prefix rows zero."""
+    from timm.layers import build_sincos2d_pos_embed
+
+    gh, gw = vit.patch_embed.grid_size
+    pe = build_sincos2d_pos_embed((gh, gw), vit.embed_dim)  # (gh gw, d)
+    npre = vit.pos_embed.shape[1] - gh * gw
+    vit.pos_embed[0, npre:].copy_(pe)
+    vit.pos_embed[0, :npre].zero_()
+
+
+if cfg["patch_init"] == "pca":
+    init_patch_pca(vit, Xtr)
+if cfg["pos_init"] == "sincos":
+    init_pos_sincos(vit)
 bv, log = train(vit, cfg["epochs"], cfg["lr"], kd_model)
 ru = resource.getrusage(resource.RUSAGE_SELF)
 res.update(vit_val=bv, vit_test=acc(vit, sp.test), val_log=log, wall=round(time.time() - t0, 1),
