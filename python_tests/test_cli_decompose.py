@@ -44,7 +44,6 @@ def test_data_driven_decompose_and_a_timm_train_checkpoint(tmp_path):
     assert json.load(open(run / "run.json"))["teacher"]["checkpoint"] == str(ckpt)
 
 
-
 def test_latency_budgets_from_the_command_line(tmp_path, monkeypatch):
     """--budgets latency=F / latency_ms=X with --runtime reach decompose's latency budgets (profile faked)."""
     from safetensors.torch import save_file

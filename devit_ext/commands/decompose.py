@@ -39,23 +39,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_flag(p)
 
 
-BUDGET_KINDS = ("flops", "params", "latency", "latency_ms")
-
-
 def parse_budget(text) -> float | dict:
     """One --budgets entry: "0.1" (or a number from -c FILE) -> 0.1, "latency=0.1" -> {"latency": 0.1},
-    and so on for BUDGET_KINDS; the values' ranges are checked by `decompose`, naming budgets[i]."""
+    and so on for each of budgets.COST_KEYS; the values' ranges are checked by `decompose`, naming budgets[i]."""
+    from ..budgets import COST_KEYS
+
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return float(text)
     kind, sep, value = str(text).partition("=")
     try:
         if not sep:
             return float(kind)
-        if kind in BUDGET_KINDS:
+        if kind in COST_KEYS:
             return {kind: float(value)}
     except ValueError:
         pass
-    raise RunError(f"--budgets: expected F or one of {', '.join(k + '=X' for k in BUDGET_KINDS)}, got {text!r}")
+    raise RunError(f"--budgets: expected F or one of {', '.join(k + '=X' for k in COST_KEYS)}, got {text!r}")
 
 
 def run(args) -> int:

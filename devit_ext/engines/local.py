@@ -39,9 +39,9 @@ ENGINE_OPTS = ("cuda_graphs", "max_bucket", "compile", "backend")
 BACKENDS = ("torch", "onnxruntime", "auto")
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _CACHE_PER_MODEL = 4
-# CPU, torch sender, ViT: a batch with no batch_size runs as micro-batches of this many images; each
-# one's activations stay in cache, and batches 8 and 32 ran 6-25% faster than whole (docs/perf-notes.md,
-# "CPU micro-batches"). batch_size=n runs n images whole.
+# CPU, torch sender, ViT: a batch with no batch_size runs as micro-batches of this many images; batches
+# of 8-32 ran 6-25% faster so than whole (docs/perf-notes.md, "CPU micro-batches"; smaller activations
+# per micro-batch are the likely reason, not profiled). batch_size=n runs n images whole.
 CPU_CHUNK = 4
 
 
@@ -98,8 +98,11 @@ class LocalEngine:
                 for mp, cls in model.fusion.branches()
             ]
         self.use_graphs = bool(cuda_graphs) and device.type == "cuda"
-        self.cpu_chunk = CPU_CHUNK if device.type == "cpu" and self.backend == "torch" and not self.cct else None
         self.max_bucket = int(max_bucket)
+        # a call without batch_size runs in micro-batches of this many images (None: whole): the largest
+        # CUDA graph bucket, or CPU_CHUNK for a ViT on the CPU's torch sender
+        self.default_chunk = (self.max_bucket if self.use_graphs else
+                              CPU_CHUNK if device.type == "cpu" and self.backend == "torch" and not self.cct else None)
         self._graphs: dict[int, dict] = {}
         self._pool = None
 
@@ -240,12 +243,8 @@ def run(model, images: torch.Tensor, request: common.Request, *, return_stats: b
     eng = get_engine(model, dev, dt, transfer, opts)
     timing = {"compute_s": 0.0, "fusion_s": 0.0, "events": []} if return_stats else None
     n = images.shape[0]
-    chunks = common.micro_batches(n, batch_size)
-    if eng.use_graphs and batch_size is None and n > eng.max_bucket:
-        chunks = common.micro_batches(n, eng.max_bucket)
-    cpu_chunked = batch_size is None and eng.cpu_chunk is not None and n > eng.cpu_chunk
-    if cpu_chunked:
-        chunks = common.micro_batches(n, eng.cpu_chunk)
+    chunks = common.micro_batches(n, eng.default_chunk if batch_size is None else batch_size)
+    cpu_chunked = batch_size is None and not eng.use_graphs and len(chunks) > 1
     with torch.inference_mode():
         outs = [eng.run_chunk(model, images[s:e], timing) for s, e in chunks]
         logits = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
@@ -292,7 +291,7 @@ def run(model, images: torch.Tensor, request: common.Request, *, return_stats: b
         },
     )
     if cpu_chunked:
-        stats.notes.append(f"CPU: {n} images run as micro-batches of {eng.cpu_chunk} (faster per image than "
+        stats.notes.append(f"CPU: {n} images run as micro-batches of {eng.default_chunk} (faster per image than "
                            "whole batches here; batch_size=N runs N at a time)")
     if request.degrade:
         stats.notes.append("degrade=True has no effect locally: every device is in this process")
