@@ -116,8 +116,11 @@ __device__ __forceinline__ void zero_row(int8_t* qr, int64_t cols, int lane) {
   for (int64_t i = lane; i < cols; i += 32) qr[i] = 0;
 }
 
+// 6 blocks of 256 threads per SM (<= 42 registers): without the minimum ptxas aims at 8 blocks (32
+// registers) and spills 8-16 B around __fdiv_rn's slow-path call (the static check, issue 12); this
+// memory-bound kernel keeps 48 of 64 warps resident, enough to cover its 16-byte loads.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 6)
     quantize_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, int64_t rs, int64_t cs,
                     int8_t* __restrict__ q, float* __restrict__ scale) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;

@@ -1,9 +1,11 @@
-"""Demo teacher experiments (docs/demo-results.md, fifth and sixth tries): the demo's ViT alone, distilled
-from a small CNN (fifth), or with its patch embedding / position embedding initialised from the data (sixth).
+"""Demo teacher experiments (docs/demo-results.md, fifth to seventh tries): the demo's ViT alone, distilled
+from a small CNN (fifth), with its patch embedding / position embedding initialised from the data (sixth),
+or fed shifted copies of the image as extra channels and per-image affine transforms (seventh).
 
 All in one loop with train_teacher's light-recipe settings (train_teacher itself has no distillation term).
     python scripts/demo_teacher_kd_experiment.py '{"kd": "cnn", "data_seed": 1}'
     python scripts/demo_teacher_kd_experiment.py '{"patch_init": "pca", "pos_init": "sincos"}'
+    python scripts/demo_teacher_kd_experiment.py '{"spt": 3, "affine": [10, 0.1, 2]}'
 prints one RESULT line of JSON (test/val accuracy, val accuracy per epoch, wall and CPU seconds).
 """
 import json, sys, time, resource
@@ -15,7 +17,7 @@ from devit_ext.training import common as U
 
 cfg = dict(TEACHER_TRAIN, seed=0, data_seed=0, threads=1,
            kd=None, kd_w=0.5, T=4.0, cnn_epochs=15, cnn_lr=3e-3, distilled=False, hard=False, cnn_width=32,
-           patch_init=None, pos_init=None, shift_ramp=0)
+           patch_init=None, pos_init=None, shift_ramp=0, spt=0, affine=None)
 cfg.update(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})
 torch.set_num_threads(cfg["threads"])
 sp = D.mnist5k(seed=cfg["data_seed"])
@@ -40,6 +42,18 @@ def shift_at(ep):
     r = cfg["shift_ramp"]
     return cfg["shift"] if not r else min(cfg["shift"], cfg["shift"] * ep // r)
 
+def batch_affine(x, deg, scale, px, g):
+    """Each image its own rotation (+-deg), scale (1 +- scale) and translation (+-px, continuous), one
+    affine_grid + grid_sample for the batch (bilinear, zero fill)."""
+    B, _, H, W = x.shape
+    u = lambda: torch.rand(B, generator=g) * 2 - 1
+    a, s = u() * deg * torch.pi / 180, 1 + u() * scale
+    tx, ty = u() * 2 * px / W, u() * 2 * px / H
+    th = torch.stack([torch.stack([a.cos() / s, -a.sin() / s, tx], -1),
+                      torch.stack([a.sin() / s, a.cos() / s, ty], -1)], 1)
+    return F.grid_sample(x, F.affine_grid(th, x.shape, align_corners=False), align_corners=False)
+
+
 def train(model, epochs, lr, kd_model=None):
     torch.manual_seed(cfg["seed"])
     opt = torch.optim.AdamW(U.param_groups([model], 0.05), lr=lr)
@@ -52,7 +66,11 @@ def train(model, epochs, lr, kd_model=None):
         perm = torch.randperm(len(Ytr), generator=g)
         for i in range(0, len(Ytr), cfg["batch_size"]):
             idx = perm[i:i + cfg["batch_size"]]
-            x = U.random_shift(Xtr[idx], shift_at(ep), g); y = Ytr[idx]
+            if cfg["affine"]:  # [degrees, scale, px]
+                x = batch_affine(Xtr[idx], *cfg["affine"], g)
+            else:
+                x = U.random_shift(Xtr[idx], shift_at(ep), g)
+            y = Ytr[idx]
             out = model(x)
             if kd_model is None:
                 z = (out[0] + out[1]) / 2 if isinstance(out, tuple) else out
@@ -86,7 +104,28 @@ if cfg["kd"] == "cnn":
     res.update(cnn_val=bv, cnn_test=acc(c, sp.test), cnn_s=round(time.time() - t0, 1))
     print("cnn", res, flush=True)
     kd_model = c.eval()
-vit = build_teacher(**TEACHER, distilled=cfg["distilled"], seed=cfg["seed"])
+
+
+class ShiftedCopies(nn.Module):
+    """Shifted patch tokenisation's input side (Lee et al. 2021, "ViT for small-size datasets"): the image
+    and four copies shifted diagonally by `s` px (zero fill) as channels, so each 7-px patch also sees
+    its neighbours' borders; the patch embedding stays a linear map (in_chans 5)."""
+
+    def __init__(self, s):
+        super().__init__()
+        self.s = s
+
+    def forward(self, x):
+        s, (H, W) = self.s, x.shape[-2:]
+        p = F.pad(x, (s, s, s, s))
+        cops = [p[..., dy: dy + H, dx: dx + W] for dy, dx in ((0, 0), (0, 2 * s), (2 * s, 0), (2 * s, 2 * s))]
+        return torch.cat([x] + cops, 1)
+
+
+arch = dict(TEACHER, in_chans=5) if cfg["spt"] else TEACHER
+vit = build_teacher(**arch, distilled=cfg["distilled"], seed=cfg["seed"])
+if cfg["spt"]:
+    vit = nn.Sequential(ShiftedCopies(cfg["spt"]), vit)
 
 
 @torch.no_grad()
@@ -117,7 +156,7 @@ def init_pos_sincos(vit):
     vit.pos_embed[0, :npre].zero_()
 
 
-if cfg["patch_init"] == "pca":
+if cfg["patch_init"] == "pca" and not cfg["spt"]:
     init_patch_pca(vit, Xtr)
 if cfg["pos_init"] == "sincos":
     init_pos_sincos(vit)
