@@ -16,7 +16,7 @@ import copy
 import torch
 
 from .checks import is_int, is_number
-from .shapes import flops_of, is_cct, params_of, shape_config, uniform_config
+from .shapes import config_of, flops_of, inner_channels, is_cct, params_of, uniform_config
 
 DEFAULT_TOTAL_FRACTION = 0.4  # default: all devices together get 40% of the teacher's FLOPs, equal shares
 SEARCH_TOL = 0.03  # shape search aims within 3% of the budget ...
@@ -55,7 +55,8 @@ def search_shape(tcfg: dict, target: float, kind: str = "flops") -> dict:
     close to the teacher's, depth close to L_T x f^0.15 (f the budget fraction:
     small budgets cut width faster than depth, as the ViT family does; ViT-L at
     2% gives 13, next to ViT-Ti's 12). A target at or above the teacher's own
-    cost gives the teacher's shape.
+    cost gives the teacher's shape. A CCT's inner tokenizer channels scale with the width
+    (`shapes.inner_channels`); the shape says them ("conv_channels").
     """
     dT, D, P = tcfg["embed_dim"], tcfg["head_dim"], tcfg["num_prefix_tokens"]
     LT, HT = len(tcfg["blocks"]), max(b["num_heads"] for b in tcfg["blocks"])
@@ -66,16 +67,15 @@ def search_shape(tcfg: dict, target: float, kind: str = "flops") -> dict:
         return {"embed_dim": dT, "depth": LT, "num_heads": HT, "mlp_hidden": MT, "blocks": copy.deepcopy(tcfg["blocks"])}
     ratio, frac = MT / dT, target / full
     L_pref = max(1.0, LT * frac**0.15)
-    # cost is polynomial in the shape: c0(d) + L * (c1(d, h) + cm(d) * m) with c0, cm affine in d and
-    # c1 bilinear in (d, h); read the coefficients off a few probe configs, then evaluate the grid at once.
+    # cost is polynomial in the shape: c0(d) + L * (c1(d, h) + cm(d) * m) with cm affine in d and c1 bilinear
+    # in (d, h); read the coefficients off a few probe configs, then evaluate the grid at once. c0 (tokens,
+    # pooling; a CCT's tokenizer, whose inner channels scale with d) is probed per candidate width.
     def probe(d, L, h, m):
         return float(cost(uniform_config(tcfg, d, L, h, m)))
 
     def c1(d, h):
         return probe(d, 2, h, 0) - probe(d, 1, h, 0)
 
-    c0a = (probe(2, 1, 1, 0) - c1(2, 1)) - (probe(1, 1, 1, 0) - c1(1, 1))
-    c0b = (probe(1, 1, 1, 0) - c1(1, 1)) - c0a
     p11, p12, p21, p22 = c1(1, 1), c1(1, 2), c1(2, 1), c1(2, 2)
     dh = p22 - p21 - p12 + p11
     dd, hh = p21 - p11 - dh, p12 - p11 - dh
@@ -84,10 +84,12 @@ def search_shape(tcfg: dict, target: float, kind: str = "flops") -> dict:
     cma = probe(2, 1, 1, 1) - probe(2, 1, 1, 0) - cm1
     cmb = cm1 - cma
     f64 = torch.float64
-    d = torch.tensor(_dims(dT), dtype=f64)[:, None, None]
+    dims = _dims(dT)
+    d = torch.tensor(dims, dtype=f64)[:, None, None]
     h = torch.arange(1, HT + 1, dtype=f64)[None, :, None]
     L = torch.arange(1, LT + 1, dtype=f64)[None, None, :]
-    c0, cl, cm = c0a * d + c0b, dh * d * h + dd * d + hh * h + cst, cma * d + cmb
+    c0 = torch.tensor([probe(x, 1, 1, 0) - c1(x, 1) for x in dims], dtype=f64)[:, None, None]
+    cl, cm = dh * d * h + dd * d + hh * h + cst, cma * d + cmb
     m_exact = (target - c0 - L * cl) / (L * cm)
     cands = []
     for rnd in (torch.floor, torch.ceil):
@@ -102,7 +104,9 @@ def search_shape(tcfg: dict, target: float, kind: str = "flops") -> dict:
     i = int(torch.argmin(key.flatten()))  # first minimum: deterministic
     _, di, hi, li = torch.unravel_index(torch.tensor(i), key.shape)
     d, h, L, m = int(d.flatten()[di]), int(h.flatten()[hi]), int(L.flatten()[li]), int(m.flatten()[i])
-    return {"embed_dim": d, "depth": L, "num_heads": h, "mlp_hidden": m, "blocks": [{"num_heads": h, "mlp_hidden": m}] * L}
+    shape = {"embed_dim": d, "depth": L, "num_heads": h, "mlp_hidden": m, "blocks": [{"num_heads": h, "mlp_hidden": m}] * L}
+    inner = inner_channels(tcfg, d)
+    return shape if inner is None else shape | {"conv_channels": inner}
 
 
 def resolve_budgets(tcfg: dict, num_devices: int, budgets, latency=None) -> tuple[list[dict], list[dict]]:
@@ -175,7 +179,7 @@ def resolve_budgets(tcfg: dict, num_devices: int, budgets, latency=None) -> tupl
             )
         shape = search_shape(tcfg, value, kind)
         cost = flops_of if kind == "flops" else params_of
-        got = cost(shape_config(tcfg, shape["embed_dim"], shape["blocks"], 1))
+        got = cost(config_of(tcfg, shape))
         if abs(got / value - 1) > BUDGET_TOL and value < cost(tcfg):
             raise ValueError(
                 f"{where}: no sub-model shape has {kind} within {BUDGET_TOL:.0%} of {value:.4g} "
@@ -184,7 +188,7 @@ def resolve_budgets(tcfg: dict, num_devices: int, budgets, latency=None) -> tupl
         target = {"kind": kind, "value": value}
         if latency is not None:
             shape = latency.refine(tcfg, shape, kind, value)
-            target["predicted_s"] = latency.predict(shape_config(tcfg, shape["embed_dim"], shape["blocks"], 1))
+            target["predicted_s"] = latency.predict(config_of(tcfg, shape))
         shapes.append(shape)
         targets.append(target)
     return shapes, targets

@@ -27,7 +27,7 @@ from .cct.shapes import student_config
 from .latency import latency_for
 from .model import DeViT, FusionHead, build_submodel, teacher_config, teacher_tokens
 from .checks import is_int, is_number
-from .shapes import attention_record, final_norm_name, flops_of, head_names, is_cct, params_of, shape_config
+from .shapes import attention_record, config_of, final_norm_name, flops_of, head_names, is_cct, params_of, shape_config
 
 # ---------------------------------------------------------------------------
 # Physical pruning
@@ -231,7 +231,8 @@ def decompose(
             a CCT (`devit_ext.cct`, e.g. `timm.create_model("cct_7_3x1_32")`):
             the sub-models are `SubCCT`s that send their sequence-pooled vector;
             an explicit shape may add "conv_channels" (a multi-conv tokenizer's
-            inner channels; otherwise the teacher's are kept).
+            inner channels; otherwise the teacher's are kept); under a FLOPs or
+            params budget they scale with the device's width.
         num_devices: N, 1 <= N <= number of classes.
         budgets: one entry per device: a fraction in (0, 1] of the teacher's
             FLOPs (`meta["teacher_flops"]`, one image, head included),
@@ -348,7 +349,7 @@ def decompose(
         if not explicit:
             weights = None
             if class_share == "budget":
-                weights = [flops_of(shape_config(tcfg, s["embed_dim"], s["blocks"], 1)) for s in shapes]
+                weights = [flops_of(config_of(tcfg, s)) for s in shapes]
             sizes = part.group_sizes(C, num_devices, weights)
             if partition == "random":
                 groups = part.random_groups(C, sizes, seed)
@@ -400,7 +401,7 @@ def decompose(
         "kept_blocks": kept_blocks,
         "kept_embed": [e.tolist() for e in kept_embed],
         "latency": None if lat is None else lat.info | {
-            "predicted_ms": [1e3 * lat.predict(shape_config(tcfg, s["embed_dim"], s["blocks"], 1)) for s in shapes],
+            "predicted_ms": [1e3 * lat.predict(config_of(tcfg, s)) for s in shapes],
             "checks": list(getattr(lat.model, "extra", {}).get("checks", []))},
     }
     model = DeViT(subs, groups, fusion, meta)

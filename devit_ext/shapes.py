@@ -190,17 +190,37 @@ def teacher_config(teacher: nn.Module) -> dict:
     }
 
 
-def shape_config(tcfg: dict, embed_dim: int, blocks: Sequence[dict], num_classes: int) -> dict:
-    """A SubViT config: the teacher's with width, blocks and (local) class count replaced."""
+def shape_config(tcfg: dict, embed_dim: int, blocks: Sequence[dict], num_classes: int,
+                 conv_channels: Sequence[int] | None = None) -> dict:
+    """A sub-model config: the teacher's with width, blocks, (local) class count and, for a CCT, the inner
+    tokenizer channels (the teacher's when None) replaced."""
     cfg = copy.deepcopy(tcfg)
     cfg["embed_dim"] = int(embed_dim)
     cfg["blocks"] = [{"num_heads": int(b["num_heads"]), "mlp_hidden": int(b["mlp_hidden"])} for b in blocks]
     cfg["num_classes"] = int(num_classes)
+    if conv_channels is not None:
+        cfg["conv_channels"] = [int(c) for c in conv_channels]
     return cfg
 
 
+def config_of(tcfg: dict, shape: dict, num_classes: int = 1) -> dict:
+    """The sub-model config of a budget's `shape` ({"embed_dim", "blocks"}, a CCT's optional "conv_channels")."""
+    return shape_config(tcfg, shape["embed_dim"], shape["blocks"], num_classes, shape.get("conv_channels"))
+
+
+def inner_channels(tcfg: dict, d: int) -> list[int] | None:
+    """A CCT's inner tokenizer channels at width `d`: the teacher's scaled by d / its width (a width multiplier,
+    as CNN families scale), at least 1 each; None for a ViT. Every device runs its tokenizer whole, so keeping
+    the teacher's channels would spend a small device's budget on convs."""
+    if not is_cct(tcfg) or not tcfg["conv_channels"]:
+        return None
+    return [max(1, round(c * d / tcfg["embed_dim"])) for c in tcfg["conv_channels"]]
+
+
 def uniform_config(tcfg: dict, d: int, depth: int, heads: int, mlp: int, num_classes: int = 1) -> dict:
-    return shape_config(tcfg, d, [{"num_heads": heads, "mlp_hidden": mlp}] * depth, num_classes)
+    """The config of a uniform shape; a CCT's inner tokenizer channels scale with `d` (`inner_channels`)."""
+    return shape_config(tcfg, d, [{"num_heads": heads, "mlp_hidden": mlp}] * depth, num_classes,
+                        inner_channels(tcfg, d))
 
 
 def vit_params(cfg: dict) -> int:

@@ -59,7 +59,8 @@ def test_sub_models_are_exact_slices_of_the_teacher():
         blocks = model.meta["kept_blocks"][i]
         # tokenizer: conv 0's output rows pick the inner channels, conv 1 reads exactly those
         inner = rows_subset(S["tokenizer.conv_layers.0.0.weight"], T["tokenizer.conv_layers.0.0.weight"])
-        assert len(inner) == (40 if i == 0 else 64)
+        # the explicit shape's 40, or the searched shape's: the teacher's 64 scaled with the width
+        assert len(inner) == (40 if i == 0 else round(64 * sub.cfg["embed_dim"] / 32))
         assert torch.equal(S["tokenizer.conv_layers.1.0.weight"], T["tokenizer.conv_layers.1.0.weight"][E][:, inner])
         assert torch.equal(S["classifier.positional_emb"], T["classifier.positional_emb"][:, :, E])
         assert torch.equal(S["classifier.attention_pool.weight"], T["classifier.attention_pool.weight"][:, E])
@@ -83,6 +84,22 @@ def test_sub_models_are_exact_slices_of_the_teacher():
                 assert torch.equal(S[s + n], T[p + n][E])
     assert model.submodels[0].cfg["conv_channels"] == [40]
     assert model.submodels[0].cfg["drop_path_rate"] == 0.0  # students train without stochastic depth
+
+
+def test_budgeted_inner_tokenizer_channels_scale_with_the_width():
+    # a tokenizer whose inner convs cost ~9% of the teacher: kept whole, a 10% device would be d8 L1 m1
+    cfg = make_config(embed_dim=128, depth=4, num_heads=4, mlp_ratio=2, kernel_size=3, n_conv_layers=3, img_size=28,
+                      in_chans=1, num_classes=10, conv_channels=[16, 32])
+    t = random_cct(cfg, 0)
+    model = devit_ext.decompose(t, 4, budgets=[0.1] * 4)
+    tf = model.meta["teacher_flops"]
+    for sub, f in zip(model.submodels, model.flops()):
+        d = sub.cfg["embed_dim"]
+        assert sub.cfg["conv_channels"] == [max(1, round(c * d / 128)) for c in (16, 32)]
+        assert abs(f / (0.1 * tf) - 1) <= 0.10  # the search counts the scaled tokenizer
+        assert d >= 32 and len(sub.cfg["blocks"]) >= 2
+    full = devit_ext.decompose(t, 1, budgets=[1.0])
+    assert full.submodels[0].cfg["conv_channels"] == [16, 32]  # the whole budget keeps the teacher's
 
 
 def test_one_unpruned_device_reproduces_the_teacher():

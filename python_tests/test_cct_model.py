@@ -183,6 +183,10 @@ def test_bad_images_and_sizes_get_clear_errors():
                     padding=0)
     with pytest.raises(ValueError, match="positional_embedding"):
         timm.create_model("cct_2_3x2_32", positional_embedding="rope")
+    for chans in ([16], [16, 0], [16, 2.0]):  # n_conv_layers=3 takes two inner widths, positive ints
+        with pytest.raises(ValueError, match="conv_channels: expected 2 positive ints"):
+            make_config(embed_dim=8, depth=1, num_heads=2, mlp_ratio=2, kernel_size=3, n_conv_layers=3, img_size=28,
+                        conv_channels=chans)
     bad = public_keys(*PUBLISHED["cct_2_3x2_32"])
     bad["classifier.positional_emb"] = (1, 100, 128)
     with pytest.raises(RuntimeError, match="positional_emb"):

@@ -22,6 +22,7 @@ def test_demo_tiny_json_plot_and_cache(tmp_path, capsys):
     assert r["bytes_per_image_fp32"] == [4 * w for w in r["widths"]]
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert r["seconds"]["teacher_cached"] is False
+    assert r["recipe"]["teacher"]["backbone"] == "cct"  # the default teacher: a CCT (convolutional tokenizer)
 
     # the second run loads the cached teacher (same accuracy, no training)
     assert cli.main(argv[:-4] + ["--json", str(js), "--cache-dir", str(cache), "--devices", "2"]) == 0
@@ -30,11 +31,22 @@ def test_demo_tiny_json_plot_and_cache(tmp_path, capsys):
     assert r2["num_devices"] == 2 and len(r2["bytes_per_image"]) == 2
 
 
+def test_demo_vit_backbone(tmp_path, capsys):
+    js = tmp_path / "r.json"
+    argv = ["demo", "--tiny", "--quiet", "--threads", "1", "--no-cache", "--backbone", "vit", "--json", str(js)]
+    assert cli.main(argv) == 0
+    r = json.loads(js.read_text())
+    assert r["recipe"]["teacher"]["patch_size"] == 7 and "backbone" not in r["recipe"]["teacher"]
+    assert sum(r["device_flops"]) <= 0.4 * r["teacher_flops"] and "DeViT int8" in capsys.readouterr().out
+
+
 def test_demo_rejects_bad_arguments(capsys):
     assert cli.main(["demo", "--tiny", "--devices", "0", "--no-cache"]) == 2
     assert "--devices" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["demo", "--device", "tpu"])
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--backbone", "resnet"])
 
 
 def test_affine_dataset_draws_fresh_images_and_keeps_labels():

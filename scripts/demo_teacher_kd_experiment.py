@@ -11,7 +11,7 @@ prints one RESULT line of JSON (test/val accuracy, val accuracy per epoch, wall 
 import json, sys, time, resource
 import torch, torch.nn as nn, torch.nn.functional as F
 from devit_ext import data as D
-from devit_ext.demo import TEACHER, TEACHER_TRAIN
+from devit_ext.demo import TEACHERS, TEACHER_TRAIN
 from devit_ext.teacher import build_teacher
 from devit_ext.training import common as U
 
@@ -122,6 +122,7 @@ class ShiftedCopies(nn.Module):
         return torch.cat([x] + cops, 1)
 
 
+TEACHER = TEACHERS["vit"]  # these tries are about the plain ViT
 arch = dict(TEACHER, in_chans=5) if cfg["spt"] else TEACHER
 vit = build_teacher(**arch, distilled=cfg["distilled"], seed=cfg["seed"])
 if cfg["spt"]:

@@ -51,8 +51,12 @@ def seq_len(cfg: dict) -> int:
 def make_config(*, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, kernel_size: int, n_conv_layers: int,
                 img_size=224, in_chans: int = 3, num_classes: int = 1000, positional_embedding: str = "learnable",
                 stride: int | None = None, padding: int | None = None, drop_rate: float = 0.0,
-                attn_drop_rate: float = 0.1, drop_path_rate: float = 0.1, mean=None, std=None) -> dict:
-    """The config of a published CCT variant (defaults as SHI-Labs/Compact-Transformers' `_cct`)."""
+                attn_drop_rate: float = 0.1, drop_path_rate: float = 0.1, mean=None, std=None,
+                conv_channels=None) -> dict:
+    """The config of a published CCT variant (defaults as SHI-Labs/Compact-Transformers' `_cct`).
+
+    `conv_channels`: the output channels of the tokenizer's inner convs (n_conv_layers - 1 of them; default
+    the public tokenizer's 64 each), e.g. [16, 32] for a tokenizer that widens as it pools."""
     if positional_embedding not in POS_KINDS:
         raise ValueError(f"positional_embedding: expected one of {POS_KINDS}, got {positional_embedding!r}")
     for name, v in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads), ("n_conv_layers", n_conv_layers),
@@ -61,6 +65,10 @@ def make_config(*, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float,
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
     if embed_dim % num_heads:
         raise ValueError(f"embed_dim: {embed_dim} is not a multiple of num_heads={num_heads}")
+    inner = [INNER_PLANES] * (n_conv_layers - 1) if conv_channels is None else list(conv_channels)
+    if len(inner) != n_conv_layers - 1 or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in inner):
+        raise ValueError(f"conv_channels: expected {n_conv_layers - 1} positive ints (n_conv_layers - 1), "
+                         f"got {conv_channels!r}")
     img = [int(img_size)] * 2 if isinstance(img_size, int) else [int(v) for v in img_size]
     small = img[0] <= 64
     cfg = {
@@ -69,7 +77,7 @@ def make_config(*, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float,
         "in_chans": int(in_chans),
         "embed_dim": int(embed_dim),
         "head_dim": int(embed_dim) // int(num_heads),
-        "conv_channels": [INNER_PLANES] * (n_conv_layers - 1),
+        "conv_channels": [int(c) for c in inner],
         "kernel_size": int(kernel_size),
         "stride": int(stride if stride is not None else max(1, kernel_size // 2 - 1)),
         "padding": int(padding if padding is not None else max(1, kernel_size // 2)),

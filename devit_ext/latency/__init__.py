@@ -13,7 +13,7 @@ or function cfg -> seconds per image. The search uses it through `search.py`.
 from __future__ import annotations
 
 from ..budgets import check_latency_budget, latency_keys
-from ..shapes import is_cct, shape_config
+from ..shapes import config_of, is_cct
 from .cache import cached_profile, default_dir, profile_key
 from .measure import RUNTIMES, check_runtime, measure_submodel, measure_teacher
 from .profile import FunctionLatency, LatencyProfile, predict
@@ -50,7 +50,7 @@ class Latency:
                                  f"on {self.info.get('runtime')}")
             target = value / 1e3
         shape = refine(tcfg, search_latency(tcfg, target, self.model), self.model, "latency", target)
-        got = self.predict(shape_config(tcfg, shape["embed_dim"], shape["blocks"], 1))
+        got = self.predict(config_of(tcfg, shape))
         if got > target * (1 + 1e-9):
             raise ValueError(
                 f"{where}: no sub-model shape has a predicted latency at most {1e3 * target:.4g} ms on "
