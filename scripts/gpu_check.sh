@@ -42,6 +42,10 @@ step "bench static (sm_90, quick: the launchers' picks compiled by this machine'
 env -u TRITON_INTERPRET timeout 45 devit-ext bench static --arch 90 --quick --json "$LOG/static.json" \
   >"$LOG/static.log" 2>&1; echo "rc=$?"; grep -E "^(checks|CHECKS|  [a-z_]+: )" "$LOG/static.log" | tail -8
 
+step "bench host (the sender's host path per block on this server's CPU; target 30 us at zero rows)"
+timeout 25 devit-ext bench host --out "$LOG/bench" >"$LOG/bench_host.log" 2>&1; echo "rc=$?"
+grep -E "yardstick|per block" "$LOG/bench_host.log" | sed 's/   */ | /g'
+
 step "bench kernels"
 timeout 130 devit-ext bench kernels --device cuda --out "$LOG/bench" >"$LOG/bench_kernels.log" 2>&1; echo "rc=$?"
 step "bench e2e (skip: $DEVIT_E2E_SKIP, batches $DEVIT_E2E_BATCHES)"
