@@ -44,11 +44,8 @@ TINY_DEKD = dict(epochs={"distill": 1, "ensemble": 1}, lr={"distill": 2e-3, "ens
                  device_dropout=0.1, shift=1)
 
 
-def new_teacher(arch: dict, splits, seed: int):
-    """(teacher, kwargs) for train_teacher: a new CCT of `arch`'s shape (seeded) and no kwargs, or, for a ViT,
-    None and `arch` itself (train_teacher builds it)."""
-    if arch.get("backbone") != "cct":
-        return None, dict(arch)
+def cct_teacher(arch: dict, splits, seed: int):
+    """A new CCT teacher of `arch`'s shape (a TEACHERS "cct" entry) for `splits`' images, seeded."""
     import torch
 
     from .cct import CCT, make_config
@@ -58,7 +55,7 @@ def new_teacher(arch: dict, splits, seed: int):
                       in_chans=splits.in_chans, num_classes=10, mean=splits.mean, std=splits.std)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return CCT(cfg), {}
+        return CCT(cfg)
 
 
 class AffineDataset:
@@ -203,13 +200,13 @@ def run(args: argparse.Namespace) -> int:
         fit = {k: v for k, v in ttrain.items() if k != "affine"}
         aug = ttrain.get("affine")
         teacher_data = AffineDataset(train, **aug) if aug else train
-        teacher, build = new_teacher(arch, splits, args.seed)
-        if build:  # a ViT: train_teacher builds it from these
-            build.update(img_size=splits.img_size, in_chans=splits.in_chans, num_classes=10, mean=splits.mean,
-                         std=splits.std)
+        teacher = cct_teacher(arch, splits, args.seed) if arch.get("backbone") == "cct" else None
+        # a ViT: train_teacher builds it from the shape and the data's
+        vit = {} if teacher is not None else dict(arch, img_size=splits.img_size, in_chans=splits.in_chans,
+                                                   num_classes=10, mean=splits.mean, std=splits.std)
         teacher, _ = train_teacher(teacher_data, val, teacher=teacher, seed=args.seed, device=dev,
                                    progress=progress, out_dir=ckpt_dir, resume=ckpt_dir is not None,
-                                   **build, **fit)
+                                   **vit, **fit)
         teacher_seconds = time.time() - t0  # this call only: epochs done before a resume are not counted
         if tdir:
             save_teacher(teacher, tdir, extra={"train_seconds": teacher_seconds})
