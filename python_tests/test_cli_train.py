@@ -1,4 +1,5 @@
-"""`devit-ext train`: the recipe's image transform, recipe deit end to end, torchrun data-parallel (slow)."""
+"""`devit-ext train`: the recipe's image transform, recipe deit end to end (and `--select last`), torchrun
+data-parallel (slow)."""
 from __future__ import annotations
 
 import json
@@ -59,11 +60,13 @@ def test_train_recipe_deit(small_run):
     import yaml
 
     data, run = small_run
-    assert main(["train", run, "--data", data, "--recipe", "deit", "--epochs", "1", "1", "--batch-size", "8",
-                 "--workers", "0", "--no-progress"]) == 0
+    assert main(["train", run, "--data", data, "--recipe", "deit", "--epochs", "1", "2", "--batch-size", "8",
+                 "--workers", "0", "--select", "last", "--no-progress"]) == 0
     hist = json.load(open(os.path.join(run, "history.json")))
     assert hist["settings"]["recipe"]["name"] == "deit" and hist["settings"]["recipe"]["mixup"] > 0
-    assert yaml.safe_load(open(os.path.join(run, "args.yaml")))["train"]["recipe"] == "deit"
+    assert hist["settings"]["select"] == "last" and hist["best"]["ensemble"]["epoch"] == 2
+    saved = yaml.safe_load(open(os.path.join(run, "args.yaml")))["train"]
+    assert saved["recipe"] == "deit" and saved["select"] == "last"
 
 
 @pytest.mark.slow

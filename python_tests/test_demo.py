@@ -4,6 +4,7 @@ import json
 import pytest
 
 from devit_ext import cli
+from devit_ext.demo import TINY_DEVICE_SHAPES
 
 
 def test_demo_tiny_json_plot_and_cache(tmp_path, capsys):
@@ -23,12 +24,33 @@ def test_demo_tiny_json_plot_and_cache(tmp_path, capsys):
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert r["seconds"]["teacher_cached"] is False
     assert r["recipe"]["teacher"]["backbone"] == "cct"  # the default teacher: a CCT (convolutional tokenizer)
+    assert r["recipe"]["devices"] == {"shape": TINY_DEVICE_SHAPES["cct"]}  # 4 devices: the demo's explicit shape
 
     # the second run loads the cached teacher (same accuracy, no training)
     assert cli.main(argv[:-4] + ["--json", str(js), "--cache-dir", str(cache), "--devices", "2"]) == 0
     r2 = json.loads(js.read_text())
     assert r2["seconds"]["teacher_cached"] is True and r2["teacher_acc"] == r["teacher_acc"]
     assert r2["num_devices"] == 2 and len(r2["bytes_per_image"]) == 2
+    assert r2["recipe"]["devices"] == {"budget": 0.4}  # another device count: shapes searched for 40%
+    assert sum(r2["device_flops"]) <= 0.4 * r2["teacher_flops"]
+
+
+def test_demo_device_shape_fits_the_budget_on_the_demo_teacher():
+    """The full demo's 4 devices (explicit shape, exact slices of the CCT teacher): the shape asked for, and
+    together at most 40% of the teacher's FLOPs (issue 4's target); built untrained, nothing is run."""
+    import devit_ext
+    from devit_ext import data as D
+    from devit_ext.demo import DEVICE_SHAPES, TEACHERS, cct_teacher
+
+    teacher = cct_teacher(TEACHERS["cct"], D.mnist5k(seed=0), seed=0)
+    shape = DEVICE_SHAPES["cct"]
+    model = devit_ext.decompose(teacher, 4, budgets=[dict(shape)] * 4, seed=0)
+    tf = model.meta["teacher_flops"]
+    assert 0.35 * tf < sum(model.flops()) <= 0.4 * tf
+    for m in model.submodels:
+        assert m.cfg["embed_dim"] == shape["embed_dim"] and len(m.cfg["blocks"]) == shape["depth"]
+        assert m.cfg["conv_channels"] == shape["conv_channels"]
+        assert m.cfg["blocks"][0] == {"num_heads": shape["num_heads"], "mlp_hidden": shape["mlp_hidden"]}
 
 
 def test_demo_vit_backbone(tmp_path, capsys):
@@ -43,6 +65,8 @@ def test_demo_vit_backbone(tmp_path, capsys):
 def test_demo_rejects_bad_arguments(capsys):
     assert cli.main(["demo", "--tiny", "--devices", "0", "--no-cache"]) == 2
     assert "--devices" in capsys.readouterr().err
+    assert cli.main(["demo", "--tiny", "--budget", "1.5", "--no-cache"]) == 2
+    assert "--budget" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["demo", "--device", "tpu"])
     with pytest.raises(SystemExit):

@@ -1,6 +1,7 @@
-"""What `train_dekd` does around its epochs: validation and the best epoch (model or weight average) restored
-at the end of a stage, checkpoints and resume (where it restarts, the optimizer's and EMA's state, a finished
-stage), sub-task teachers, the history file, the callback, progress bars, a second process's validation share.
+"""What `train_dekd` does around its epochs: validation and the best (or, `select="last"`, the last) epoch
+(model or weight average) restored at the end of a stage, checkpoints and resume (where it restarts, the
+optimizer's and EMA's state, a finished stage), sub-task teachers, the history file, the callback, progress
+bars, a second process's validation share.
 The epochs are the spies of test_trainer_wiring.py, so nothing trains."""
 from __future__ import annotations
 
@@ -64,9 +65,7 @@ def test_resume_says_where_it_restarts_and_keeps_this_runs_settings(tiny, monkey
     assert str(e.value) == f"resume: the checkpoint in {ckdir} was written with different settings (['epochs'])"
 
 
-def test_the_best_validated_epoch_is_kept_and_restored_at_the_end(tiny, monkeypatch):
-    seen = []
-
+def _one_class_epochs(monkeypatch, seen):
     def epoch(io, model, *args, **kw):  # sets the fused head so that validation predicts one class for all
         k = len(seen)
         with torch.no_grad():
@@ -78,6 +77,24 @@ def test_the_best_validated_epoch_is_kept_and_restored_at_the_end(tiny, monkeypa
         return dict(SUMS["ensemble"])
 
     monkeypatch.setattr(T, "ensemble_epoch", epoch)
+
+
+def test_select_last_keeps_the_last_epoch_though_an_earlier_one_validated_better(tiny, monkeypatch):
+    seen = []
+    _one_class_epochs(monkeypatch, seen)
+    teacher, model = _setup()
+    val = (tiny.train.images[:8], torch.tensor([0] * 6 + [1] * 2))
+    hist = devit_ext.train_dekd(model, teacher, tiny.train, val, stages=("ensemble",), epochs=3, select="last", **KW)
+    assert [r["val_acc"] for r in hist["ensemble"]] == [0.75, 0.75, 0.25]  # still validated every epoch
+    assert hist["best"] == {"ensemble": {"epoch": 3, "val_acc": 0.25, "ema": False}}
+    assert torch.equal(model.fusion.head.bias, seen[2]) and hist["settings"]["select"] == "last"
+    with pytest.raises(ValueError, match="select: expected 'best' .* or 'last', got 'worst'"):
+        devit_ext.train_dekd(model, teacher, tiny.train, val, epochs=1, select="worst", **KW)
+
+
+def test_the_best_validated_epoch_is_kept_and_restored_at_the_end(tiny, monkeypatch):
+    seen = []
+    _one_class_epochs(monkeypatch, seen)
     teacher, model = _setup()
     x = tiny.train.images
     val = (x[:8], torch.tensor([0] * 6 + [1] * 2))

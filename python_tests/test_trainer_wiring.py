@@ -125,7 +125,7 @@ def test_each_epoch_gets_the_settings_tables_plan_and_schedule(tiny, monkeypatch
         "clip": 0.5, "quant_aware": False, "freeze_backbones": True, "subtask_teachers": "restricted",
         "finetune_epochs": 2, "finetune_lr": 5e-4, "device_dropout": 0.25, "alpha": 0.3, "distill_kind": "soft",
         "temperature": 2.0, "relation_weights": [0.4, 0.5, 0.6], "relation_pairs": [[[0, 1]], [[0, 1]]],
-        "token_weight": 0.7, "shift": 1, "seed": 5, "num_train": n, "num_val": 0, "class_groups": groups,
+        "token_weight": 0.7, "shift": 1, "seed": 5, "select": "best", "num_train": n, "num_val": 0, "class_groups": groups,
         "widths": model.widths, "recipe": dict(name="light", mixup=0.0, cutmix=0.0, label_smoothing=0.0,
                                                ema_decay=0.0, accum_steps=1, lr_per_512=False),
         "world_size": 1, "data": "tensors"}

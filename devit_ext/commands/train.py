@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, metavar="ROOT", help="ImageFolder root (ROOT/<split>/<class>/*.png|jpg)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val", help="split that picks each stage's best epoch; 'none' for no validation")
+    p.add_argument("--select", choices=("best", "last"), default="best",
+                   help="which epoch each stage keeps: the best validated (default) or the last")
     p.add_argument("--recipe", choices=("light", "deit"), default="light")
     p.add_argument("--epochs", nargs="+", type=int, default=None, metavar="E",
                    help="epochs of stage 3 (distill) and stage 4 (ensemble): two numbers, or one for both")
@@ -89,8 +91,8 @@ def run(args) -> int:
                       device=args.device, out_dir=args.run, resume=args.resume, seed=args.seed,
                       recipe=args.recipe, mixup=args.mixup, cutmix=args.cutmix, label_smoothing=args.smoothing,
                       ema_decay=args.model_ema_decay, accum_steps=args.accum_steps,
-                      device_dropout=args.device_dropout, loader_opts=_loader_opts(args.workers),
-                      progress=not args.no_progress)
+                      device_dropout=args.device_dropout, select=args.select,
+                      loader_opts=_loader_opts(args.workers), progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     best = {s: v for s, v in hist.get("best", {}).items()}

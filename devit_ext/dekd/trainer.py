@@ -64,6 +64,7 @@ def train_dekd(
     token_weight: float = 1.0,
     shift: int = 0,
     seed: int = 0,
+    select: str = "best",
     recipe="light",
     mixup: float | None = None,
     cutmix: float | None = None,
@@ -84,7 +85,10 @@ def train_dekd(
     Dataset (default: workers from the CPU count, pinned memory on CUDA).
     `val_data` (never the test split) selects the best epoch of each stage
     (model or its EMA), restored at the end of the stage; without it the last
-    epoch is kept.
+    epoch is kept. `select="last"` keeps each stage's last epoch (still
+    validated every epoch; of the model and its EMA, the better at that epoch):
+    for a schedule that anneals to zero and a validation split too small to
+    rank epochs (the demo's 500 images: one image is 0.2 points).
 
     `recipe`: "light" (default: small data, the demo) or "deit" (the paper's:
     timm Mixup 0.8 / CutMix 1.0 with label smoothing 0.1, weight EMA, lr given
@@ -115,8 +119,8 @@ def train_dekd(
 def _train(ctx, tqdm, *, model, teacher, train_data, val_data, stages, epochs, batch_size, lr, weight_decay,
            warmup_epochs, clip, out_dir, resume, quant_aware, freeze_backbones, subtask_teachers, finetune_epochs,
            finetune_lr, device_dropout, alpha, distill_kind, temperature, relation_weights, relation_layers,
-           token_weight, shift, seed, recipe, mixup, cutmix, label_smoothing, ema_decay, accum_steps, loader_opts,
-           dist_timeout, progress, callback) -> dict:
+           token_weight, shift, seed, select, recipe, mixup, cutmix, label_smoothing, ema_decay, accum_steps,
+           loader_opts, dist_timeout, progress, callback) -> dict:
     dev = ctx.device
     progress = progress and ctx.is_main
     tcfg, stages = check_setup(model, teacher, stages, subtask_teachers, device_dropout, alpha, relation_weights)
@@ -137,6 +141,8 @@ def _train(ctx, tqdm, *, model, teacher, train_data, val_data, stages, epochs, b
     relation_weights = [U.real("relation_weights", w, lo=0) for w in relation_weights]
     shift = U.count("shift", shift)
     seed = U.count("seed", seed)
+    if select not in ("best", "last"):
+        raise ValueError(f"select: expected 'best' (the best validated epoch) or 'last', got {select!r}")
     U.real("dist_timeout", dist_timeout, lo=0, lo_open=True)
     if resume and out_dir is None:
         raise ValueError("resume: needs out_dir (where the checkpoints are)")
@@ -172,7 +178,8 @@ def _train(ctx, tqdm, *, model, teacher, train_data, val_data, stages, epochs, b
         "device_dropout": float(device_dropout), "alpha": float(alpha), "distill_kind": distill_kind,
         "temperature": float(temperature), "relation_weights": [float(w) for w in relation_weights],
         "relation_pairs": [[list(p) for p in ps] for ps in pairs], "token_weight": float(token_weight),
-        "shift": int(shift), "seed": int(seed), "num_train": len(train), "num_val": 0 if val is None else len(val),
+        "shift": int(shift), "seed": int(seed), "select": select, "num_train": len(train),
+        "num_val": 0 if val is None else len(val),
         "class_groups": model.class_groups, "widths": model.widths, "recipe": rcp.settings(),
     }
     history: dict[str, Any] = {s: [] for s in stages}
@@ -272,7 +279,8 @@ def _train(ctx, tqdm, *, model, teacher, train_data, val_data, stages, epochs, b
                     rec["ema_val_acc"] = validate(ctx, ema.module, stage, vio, lut, owner, quant_aware)["val_acc"]
                     cands.append((rec["ema_val_acc"], True, ema.module))
                 acc, is_ema, winner = max(cands, key=lambda c: c[0])
-                if best_val is None or acc > best_val:
+                last = epoch + 1 == n_epochs
+                if (select == "last" and last) or (select == "best" and (best_val is None or acc > best_val)):
                     best_val = acc
                     best_state = {k: v.detach().clone().cpu() for k, v in winner.state_dict().items()}
                     history["best"][stage] = {"epoch": epoch + 1, "val_acc": best_val, "ema": is_ema}
