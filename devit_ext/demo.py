@@ -238,17 +238,16 @@ def run(args: argparse.Namespace) -> int:
     budget = DEFAULT_BUDGET if args.budget is None else args.budget
     if shape is not None:
         model = decompose(teacher, args.devices, budgets=[dict(shape)] * args.devices, seed=args.seed)
-        tf = int(model.meta["teacher_flops"])
     else:
         budgets = [budget / args.devices] * args.devices
         model = decompose(teacher, args.devices, budgets=budgets, seed=args.seed)
-        tf = int(model.meta["teacher_flops"])
         # the shape search may overshoot a budget by a few percent: shrink until the total fits
         for _ in range(8):
-            if sum(model.flops()) <= budget * tf:
+            if sum(model.flops()) <= budget * model.meta["teacher_flops"]:
                 break
             budgets = [b * 0.97 for b in budgets]
             model = decompose(teacher, args.devices, budgets=budgets, seed=args.seed)
+    tf = int(model.meta["teacher_flops"])
     say(f"[2/4] decomposed: devices {[len(g) for g in model.class_groups]} classes, widths {model.widths}, "
         f"{100 * sum(model.flops()) / tf:.1f}% of the teacher's FLOPs "
         f"({'the demo device shape' if shape is not None else f'shapes searched for a budget of {budget}'})")
